@@ -1,0 +1,510 @@
+"""Preparation: raw source -> k-core filtered, chronological, leave-one-out-ready dataset.
+
+A `PreparedDataset` holds one item index shared by every later stage (1..N, 0 = padding) and each
+user's sequence, oldest first, cut to its last `max_history + 1` items. Leave-one-out splits:
+train = seq[:-2]; valid = (seq[:-2] -> seq[-2]); test = (seq[:-1] -> seq[-1]).
+Item keys are `<source>/<raw item id>` and user keys `<source>/<raw user id>`, so sources combine
+without collisions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pmmcache.config import from_dict, to_dict
+from pmmcache.data.images import ImageStore, open_image_store
+from pmmcache.data.readers import RawDataset
+from pmmcache.errors import ConfigError, DataError, PmmcacheError
+
+FORMAT_VERSION = 1
+MIN_SEQUENCE = 3  # leave-one-out needs one training item, a validation target and a test target
+PROBLEM_EXAMPLES = 20  # problems listed by name in reports; the rest are only counted
+
+ITEM_SCHEMA = pa.schema(
+    [
+        ("index", pa.int32()),
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("text", pa.string()),
+        ("image_store", pa.int16()),  # position in `image_stores`, -1 = no image
+        ("image_key", pa.string()),
+    ]
+)
+USER_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("items", pa.list_(pa.int32()))])
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """How raw interactions become training sequences."""
+
+    min_core: int = 5  # every kept user and item has at least this many interactions (0 = no filter)
+    max_history: int = 20  # items before the target; sequences keep their last max_history + 1
+
+    def __post_init__(self):
+        if self.min_core < 0:
+            raise ConfigError(f"min_core must be >= 0, got {self.min_core}")
+        if self.max_history < MIN_SEQUENCE - 1:
+            raise ConfigError(f"max_history must be >= {MIN_SEQUENCE - 1}, got {self.max_history}")
+
+
+@dataclass
+class PreparedDataset:
+    """Items, user sequences and image stores of one or several sources, in one index space.
+
+    `items`: one row per item, ordered by `index` (1..N): key, source, text (null = none),
+    image_store (position in `image_stores`, -1 = none), image_key (key inside that store).
+    `users`: key, source, items (list<int32>, oldest first, at most max_history + 1 long).
+    """
+
+    name: str
+    items: pa.Table
+    users: pa.Table
+    image_stores: list[dict[str, Any]]
+    config: PrepareConfig
+    report: dict[str, Any]
+    fingerprint: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.items = self.items.cast(ITEM_SCHEMA)
+        self.users = self.users.cast(USER_SCHEMA)
+        if not self.fingerprint:
+            self.fingerprint = content_fingerprint(self.items, self.users)
+
+    # ------------------------------------------------------------ sizes and lookups
+
+    @property
+    def num_items(self) -> int:
+        """N, the number of catalogue items; indices run 1..N and 0 is padding."""
+        return self.items.num_rows
+
+    @property
+    def num_users(self) -> int:
+        return self.users.num_rows
+
+    @property
+    def sources(self) -> list[str]:
+        """Source names in the order their items appear."""
+        return list(dict.fromkeys(self.items.column("source").to_pylist()))
+
+    def item_keys(self) -> list[str]:
+        """Item keys in index order: `item_keys()[i - 1]` is the key of index i."""
+        return self.items.column("key").to_pylist()
+
+    def open_image_stores(self) -> list[ImageStore]:
+        """The image stores, opened in this process, in `image_store` order."""
+        return [open_image_store(spec) for spec in self.image_stores]
+
+    # ------------------------------------------------------------ split arrays
+
+    def _sequences(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        column = self.users.column("items").combine_chunks()
+        offsets = column.offsets.to_numpy().astype(np.int64)
+        values = column.values.to_numpy(zero_copy_only=False).astype(np.int32)
+        return values, offsets[:-1], offsets[1:]
+
+    def split_arrays(
+        self, split: Literal["train", "valid", "test"], max_len: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Padded numpy arrays for one leave-one-out split, one row per user.
+
+        Rows are LEFT-padded with 0, so the last column always holds the most recent item;
+        histories longer than `max_len` (default: config.max_history) keep their last items.
+        - "valid": histories (U, max_len) = seq[:-2], targets (U,) = seq[-2].
+        - "test":  histories (U, max_len) = seq[:-1], targets (U,) = seq[-1].
+        - "train": inputs (U, max_len) = seq[:-3], targets (U, max_len) = seq[1:-2], aligned
+          position by position (next-item targets of the training sequence seq[:-2]).
+        """
+        max_len = self.config.max_history if max_len is None else max_len
+        if max_len < 1:
+            raise ConfigError(f"max_len must be >= 1, got {max_len}")
+        values, starts, ends = self._sequences()
+        if split == "valid":
+            return _left_padded(values, starts, ends - 2, max_len), _at(values, ends - 2)
+        if split == "test":
+            return _left_padded(values, starts, ends - 1, max_len), _at(values, ends - 1)
+        if split == "train":
+            return _left_padded(values, starts, ends - 3, max_len), _left_padded(values, starts + 1, ends - 2, max_len)
+        raise ConfigError(f"split must be 'train', 'valid' or 'test', got {split!r}")
+
+    def train_sequences(self, max_len: int | None = None) -> np.ndarray:
+        """Whole training sequences seq[:-2], (U, max_len) int32, left-padded with 0."""
+        max_len = self.config.max_history if max_len is None else max_len
+        values, starts, ends = self._sequences()
+        return _left_padded(values, starts, ends - 2, max_len)
+
+    def train_item_counts(self) -> np.ndarray:
+        """(N + 1,) int64: how often each index occurs in the training sequences (popularity)."""
+        values, starts, ends = self._sequences()
+        return np.bincount(values[_ranges(starts, ends - 2)], minlength=self.num_items + 1).astype(np.int64)
+
+    # ------------------------------------------------------------ persistence
+
+    def manifest(self) -> dict[str, Any]:
+        """The content of dataset.json: what this dataset is and how it was made."""
+        _, starts, ends = self._sequences()
+        return {
+            "format": FORMAT_VERSION,
+            "name": self.name,
+            "sources": self.sources,
+            "image_stores": self.image_stores,
+            "config": to_dict(self.config),
+            "counts": {"items": self.num_items, "users": self.num_users, "interactions": int((ends - starts).sum())},
+            "report": self.report,
+            "fingerprint": self.fingerprint,
+            "provenance": self.provenance,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write items.parquet, users.parquet and dataset.json into `directory`, atomically.
+
+        Everything is written into a temporary sibling folder that then replaces `directory`,
+        so readers see the old complete copy or the new complete copy, never a mix.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        retired = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex}")
+        try:
+            pq.write_table(self.items, staging / "items.parquet")
+            pq.write_table(self.users, staging / "users.parquet")
+            (staging / "dataset.json").write_text(json.dumps(self.manifest(), indent=2, sort_keys=True))
+            # rename() cannot replace a non-empty folder: move the old copy aside first.
+            if directory.exists():
+                os.replace(directory, retired)
+            os.replace(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(retired, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "PreparedDataset":
+        """Read a dataset written by `save`; a damaged or foreign copy raises DataError."""
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        try:
+            items = pq.read_table(directory / "items.parquet")
+            users = pq.read_table(directory / "users.parquet")
+        except (OSError, pa.ArrowException) as err:
+            raise DataError(f"cannot read prepared dataset: {err}", directory) from err
+        dataset = cls(
+            name=manifest["name"],
+            items=items,
+            users=users,
+            image_stores=manifest["image_stores"],
+            config=from_dict(PrepareConfig, manifest["config"]),
+            report=manifest["report"],
+            fingerprint=manifest["fingerprint"],
+            provenance=manifest.get("provenance", {}),
+        )
+        actual = content_fingerprint(dataset.items, dataset.users)
+        if actual != dataset.fingerprint:
+            raise DataError(
+                f"content fingerprint {actual[:12]} differs from the recorded {dataset.fingerprint[:12]}; "
+                "the copy is damaged, delete the folder to rebuild it",
+                directory,
+            )
+        return dataset
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """dataset.json of a saved dataset; DataError when absent, unreadable or of another format."""
+    path = Path(directory) / "dataset.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read: {err}", path) from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        raise DataError(f"not a prepared dataset of format {FORMAT_VERSION}", path)
+    return manifest
+
+
+def content_fingerprint(items: pa.Table, users: pa.Table) -> str:
+    """sha256 of the item table and the sequences (not of image bytes or store locations)."""
+    digest = hashlib.sha256(f"pmmcache-dataset-{FORMAT_VERSION}\n".encode())
+    for table in (items, users):
+        for name in table.column_names:
+            text = json.dumps([name, table.column(name).to_pylist()], ensure_ascii=False, separators=(",", ":"))
+            digest.update(text.encode("utf-8"))
+            digest.update(b"\n")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- array helpers
+
+
+def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, e) for every pair, without a Python loop."""
+    lengths = np.maximum(ends - starts, 0)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    first_out = np.cumsum(lengths) - lengths  # where each range starts in the output
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - first_out, lengths)
+
+
+def _left_padded(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, max_len: int) -> np.ndarray:
+    """(U, max_len) int32: values[starts[u]:ends[u]], last max_len of them, right-aligned, 0 before."""
+    lengths = np.clip(ends - starts, 0, max_len)  # (U,)
+    pad = max_len - lengths  # (U,)
+    columns = np.arange(max_len)  # (L,)
+    source = (ends - lengths - pad)[:, None] + columns[None, :]  # (U, L) position in `values`
+    filled = columns[None, :] >= pad[:, None]  # (U, L)
+    if values.size == 0:
+        return np.zeros((len(starts), max_len), np.int32)
+    return np.where(filled, values[np.clip(source, 0, values.size - 1)], 0).astype(np.int32)
+
+
+def _at(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    return values[positions].astype(np.int32) if positions.size else np.zeros(0, np.int32)
+
+
+def _list_column(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
+
+
+def _problem_summary(problems: list) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for problem in problems:
+        counts[problem.kind] = counts.get(problem.kind, 0) + 1
+    return {"counts": counts, "examples": [p.to_dict() for p in problems[:PROBLEM_EXAMPLES]]}
+
+
+# ---------------------------------------------------------------- prepare one source
+
+
+def _check_source_name(source: str) -> None:
+    # Keys are "<source>/<id>": a "/" inside a source name would make two sources collide.
+    if not source or "/" in source or source != source.strip():
+        raise PmmcacheError(f"source name {source!r} must be non-empty, without '/' or surrounding spaces")
+
+
+def k_core(user_idx: np.ndarray, item_idx: np.ndarray, num_items: int, k: int) -> tuple[np.ndarray, int]:
+    """Mask of interactions kept by iterated k-core filtering, and the number of rounds.
+
+    Removing a sparse user can push an item below k and vice versa, so filtering repeats until
+    every remaining user and item has at least k interactions.
+    """
+    keep = np.ones(len(user_idx), bool)
+    num_users = int(user_idx.max()) + 1 if len(user_idx) else 0
+    rounds = 0
+    while True:
+        rounds += 1
+        user_counts = np.bincount(user_idx[keep], minlength=num_users)
+        item_counts = np.bincount(item_idx[keep], minlength=num_items)
+        survivors = keep & (user_counts[user_idx] >= k) & (item_counts[item_idx] >= k)
+        if survivors.sum() == keep.sum():
+            return keep, rounds
+        keep = survivors
+
+
+def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDataset:
+    """Filter, order, truncate and index one raw source (see the module docstring).
+
+    Order within a user: timestamp, then file row (stable for equal timestamps). The catalogue
+    is every item that survives the k-core filter, in items-file order, even when truncation
+    leaves it in no sequence. Users with fewer than 3 items after filtering are dropped.
+    """
+    config = config or PrepareConfig()
+    source = raw.source
+    _check_source_name(source)
+    item_ids = list(raw.items)
+    item_pos = {item: i for i, item in enumerate(item_ids)}
+    user_pos: dict[str, int] = {}
+
+    known = [row for row in raw.interactions if row[1] in item_pos]
+    timed = sum(ts is not None for _, _, ts, _ in known)
+    if 0 < timed < len(known):
+        raise DataError(f"source {source!r}: timestamps must be given for every interaction or for none")
+    user_idx = np.array([user_pos.setdefault(user, len(user_pos)) for user, _, _, _ in known], np.int64)
+    item_idx = np.array([item_pos[item] for _, item, _, _ in known], np.int64)
+    times = np.array([ts if ts is not None else 0.0 for _, _, ts, _ in known], np.float64)
+    rows = np.array([row for _, _, _, row in known], np.int64)
+    user_ids = list(user_pos)
+
+    keep, rounds = k_core(user_idx, item_idx, len(item_ids), config.min_core)
+    item_counts = np.bincount(item_idx[keep], minlength=len(item_ids))
+    catalogue = np.flatnonzero(item_counts >= config.min_core)  # positions in item_ids, file order
+    new_index = np.zeros(len(item_ids), np.int32)
+    new_index[catalogue] = np.arange(1, len(catalogue) + 1, dtype=np.int32)
+
+    kept = np.flatnonzero(keep)
+    order = kept[np.lexsort((rows[kept], times[kept], user_idx[kept]))]  # by user, time, row
+    sorted_users = user_idx[order]
+    cuts = np.flatnonzero(np.diff(sorted_users)) + 1
+    starts = np.r_[0, cuts].astype(np.int64) if len(order) else np.zeros(0, np.int64)
+    ends = np.r_[cuts, len(order)].astype(np.int64) if len(order) else np.zeros(0, np.int64)
+    long_enough = (ends - starts) >= MIN_SEQUENCE
+    starts, ends = starts[long_enough], ends[long_enough]
+    cut_starts = np.maximum(starts, ends - (config.max_history + 1))
+    values = new_index[item_idx[order[_ranges(cut_starts, ends)]]]
+    offsets = np.r_[0, np.cumsum(ends - cut_starts)].astype(np.int64)
+    kept_users = sorted_users[starts]
+
+    has_store = raw.image_store is not None
+    catalogue_ids = [item_ids[i] for i in catalogue]
+    image_keys = [raw.image_keys.get(item) if has_store else None for item in catalogue_ids]
+    texts = [raw.items[item] for item in catalogue_ids]
+    items = pa.table(
+        {
+            "index": pa.array(np.arange(1, len(catalogue) + 1), pa.int32()),
+            "key": [f"{source}/{item}" for item in catalogue_ids],
+            "source": [source] * len(catalogue),
+            "text": pa.array(texts, pa.string()),
+            "image_store": pa.array([0 if key is not None else -1 for key in image_keys], pa.int16()),
+            "image_key": pa.array(image_keys, pa.string()),
+        },
+        schema=ITEM_SCHEMA,
+    )
+    users = pa.table(
+        {
+            "key": [f"{source}/{user_ids[u]}" for u in kept_users],
+            "source": [source] * len(kept_users),
+            "items": _list_column(values, offsets),
+        },
+        schema=USER_SCHEMA,
+    )
+    report = {
+        "sources": {
+            source: {
+                "reader": raw.reader,
+                "raw": {"users": len(user_ids), "items": len(item_ids), "interactions": len(known)},
+                "k_core": {
+                    "k": config.min_core,
+                    "rounds": rounds,
+                    "users": int(len(np.unique(user_idx[keep]))),
+                    "items": int(len(catalogue)),
+                    "interactions": int(keep.sum()),
+                },
+                "users_too_short": int((~long_enough).sum()),
+                "sequences_truncated": int((cut_starts > starts).sum()),
+                "prepared": {"users": len(kept_users), "items": len(catalogue), "interactions": int(values.size)},
+                "items_without_text": sum(t is None for t in texts),
+                "items_without_image": sum(k is None for k in image_keys),
+                "problems": _problem_summary(raw.problems),
+            }
+        }
+    }
+    return PreparedDataset(
+        name=source,
+        items=items,
+        users=users,
+        image_stores=[raw.image_store.spec()] if has_store else [],
+        config=config,
+        report=report,
+        provenance={"reader": raw.reader, "files": list(raw.files)},
+    )
+
+
+# ---------------------------------------------------------------- combine and select
+
+
+def combine(datasets: list[PreparedDataset], name: str) -> PreparedDataset:
+    """One dataset holding all items and users of `datasets`, indices shifted into one space.
+
+    Item and user keys must be unique across the inputs (a collision raises); image stores are
+    kept (identical specs merged) and `source` tags are preserved. All inputs share one config.
+    """
+    if not datasets:
+        raise PmmcacheError("combine needs at least one dataset")
+    config = datasets[0].config
+    for dataset in datasets[1:]:
+        if dataset.config != config:
+            raise ConfigError(f"cannot combine {dataset.name!r}: prepared with {dataset.config}, not {config}")
+
+    stores: list[dict[str, Any]] = []
+    item_tables, user_tables = [], []
+    item_owner: dict[str, str] = {}
+    user_owner: dict[str, str] = {}
+    sources_report: dict[str, Any] = {}
+    offset = 0
+    for dataset in datasets:
+        for key in dataset.item_keys():
+            if key in item_owner:
+                raise PmmcacheError(f"item key {key!r} is in both {item_owner[key]!r} and {dataset.name!r}")
+            item_owner[key] = dataset.name
+        for key in dataset.users.column("key").to_pylist():
+            if key in user_owner:
+                raise PmmcacheError(f"user key {key!r} is in both {user_owner[key]!r} and {dataset.name!r}")
+            user_owner[key] = dataset.name
+
+        store_map = np.array([_store_position(stores, spec) for spec in dataset.image_stores] + [-1], np.int16)
+        local_store = dataset.items.column("image_store").to_numpy()
+        item_tables.append(
+            dataset.items.set_column(0, "index", pa.array(dataset.items.column("index").to_numpy() + offset, pa.int32()))
+            .set_column(4, "image_store", pa.array(store_map[local_store], pa.int16()))
+        )
+        values, starts, ends = dataset._sequences()
+        offsets = np.r_[0, np.cumsum(ends - starts)].astype(np.int64)
+        shifted = (values[_ranges(starts, ends)] + offset).astype(np.int32)
+        user_tables.append(dataset.users.set_column(2, "items", _list_column(shifted, offsets)))
+        sources_report.update(dataset.report.get("sources", {}))
+        offset += dataset.num_items
+
+    return PreparedDataset(
+        name=name,
+        items=pa.concat_tables(item_tables),
+        users=pa.concat_tables(user_tables),
+        image_stores=stores,
+        config=config,
+        report={"sources": sources_report},
+        provenance={"combined": [{"name": d.name, "fingerprint": d.fingerprint, **d.provenance} for d in datasets]},
+    )
+
+
+def _store_position(stores: list[dict[str, Any]], spec: dict[str, Any]) -> int:
+    if spec not in stores:
+        stores.append(spec)
+    return stores.index(spec)
+
+
+def select_sources(dataset: PreparedDataset, sources: list[str], name: str | None = None) -> PreparedDataset:
+    """The users and items of `sources` only, re-indexed 1..N' in their previous order."""
+    known = dataset.sources
+    unknown = [s for s in sources if s not in known]
+    if unknown:
+        raise PmmcacheError(f"unknown source(s) {unknown} in {dataset.name!r}; known: {known}")
+    wanted = set(sources)
+    item_mask = np.array([s in wanted for s in dataset.items.column("source").to_pylist()], bool)
+    user_mask = np.array([s in wanted for s in dataset.users.column("source").to_pylist()], bool)
+
+    new_index = np.full(dataset.num_items + 1, -1, np.int64)  # old index -> new index, -1 = dropped
+    new_index[0] = 0
+    new_index[1:][item_mask] = np.arange(1, int(item_mask.sum()) + 1)
+    values, starts, ends = dataset._sequences()
+    starts, ends = starts[user_mask], ends[user_mask]
+    mapped = new_index[values[_ranges(starts, ends)]]
+    if (mapped < 0).any():
+        raise PmmcacheError("a user of a selected source has items of another source; cannot split by source")
+    offsets = np.r_[0, np.cumsum(ends - starts)].astype(np.int64)
+
+    items = dataset.items.filter(pa.array(item_mask))
+    used_stores = sorted({int(s) for s in items.column("image_store").to_numpy() if s >= 0})
+    store_map = np.full(len(dataset.image_stores) + 1, -1, np.int16)  # last slot maps -1 to -1
+    store_map[used_stores] = np.arange(len(used_stores))
+    items = items.set_column(0, "index", pa.array(np.arange(1, items.num_rows + 1), pa.int32()))
+    items = items.set_column(4, "image_store", pa.array(store_map[items.column("image_store").to_numpy()], pa.int16()))
+    users = dataset.users.filter(pa.array(user_mask))
+    users = users.set_column(2, "items", _list_column(mapped.astype(np.int32), offsets))
+
+    return PreparedDataset(
+        name=name or "+".join(sources),
+        items=items,
+        users=users,
+        image_stores=[dataset.image_stores[i] for i in used_stores],
+        config=dataset.config,
+        report={"sources": {s: r for s, r in dataset.report.get("sources", {}).items() if s in wanted}},
+        provenance={"selected_from": {"name": dataset.name, "fingerprint": dataset.fingerprint}, "sources": list(sources)},
+    )

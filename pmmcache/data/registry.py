@@ -1,0 +1,230 @@
+"""Dataset registry: a dataset name -> a `PreparedDataset`, prepared once and cached on disk.
+
+Names:
+- `<name>`: raw files in `data_dir/<name>/`, layout detected (PMMRec tsv, RecBole atomic, parquet).
+- `ml-100k`: MovieLens-100k from the installed recbole wheel (data_dir is not used).
+- `demo`: the generated multi-domain demo (`data_dir/demo/`, generated on first use), every
+  domain combined; `demo/<domain>` is one domain alone. Item keys are `<domain>/<item>` in both,
+  so features cached for `demo` serve `demo/<domain>` too.
+- `a,b,...`: each name resolved on its own, then combined in memory into one index space.
+
+The prepared copy of a name lives in `cache_dir/<name>/dataset/`. It is rebuilt when missing,
+when the PrepareConfig differs, or when a raw file's size or mtime changed (for image folders:
+the folder's own mtime, which changes when files are added, removed or renamed).
+Several processes may resolve at once: building and checking happen under an exclusive
+`fcntl.flock` on `cache_dir/<name>/.lock`, so one builds and the others then load its copy.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pmmcache.config import to_dict
+from pmmcache.data.images import is_lmdb_dir
+from pmmcache.data.prepare import (
+    FORMAT_VERSION,
+    PrepareConfig,
+    PreparedDataset,
+    combine,
+    prepare,
+    read_manifest,
+)
+from pmmcache.data.readers import (
+    RawDataset,
+    find_pmmrec_images,
+    read_parquet,
+    read_pmmrec,
+    read_recbole,
+    recbole_example_dir,
+)
+from pmmcache.errors import DataError, PmmcacheError
+
+DEMO = "demo"
+ML_100K = "ml-100k"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PARQUET_PAIRS = ("{name}_interactions.parquet", "{name}_items.parquet"), ("interactions.parquet", "items.parquet")
+
+
+@dataclass(frozen=True)
+class RawLayout:
+    """Where one source's raw files are and how to read them."""
+
+    kind: str  # "pmmrec", "recbole" or "parquet"
+    directory: Path
+    name: str
+    stamped: tuple[Path, ...]  # files/folders whose size+mtime decide whether a rebuild is due
+    images: Path | None = None  # pmmrec image store
+    tables: tuple[Path, Path] | None = None  # parquet (interactions, items)
+
+    def read(self) -> RawDataset:
+        if self.kind == "pmmrec":
+            return read_pmmrec(self.directory, self.name, images=self.images)
+        if self.kind == "recbole":
+            return read_recbole(self.directory, self.name)
+        return read_parquet(self.tables[0], self.tables[1], self.name)
+
+
+def detect_layout(directory: Path, name: str) -> RawLayout:
+    """The raw layout of source `name` in `directory`; PmmcacheError saying what was looked for."""
+    directory = Path(directory)
+    users = directory / f"{name}_users.tsv"
+    if users.is_file():
+        images = find_pmmrec_images(directory, name)
+        stamped = [users, directory / f"{name}_items_texts.tsv"]
+        if images is not None:
+            stamped.append(images / "data.mdb" if is_lmdb_dir(images) else images)
+        return RawLayout("pmmrec", directory, name, tuple(stamped), images=images)
+    inter, item = directory / f"{name}.inter", directory / f"{name}.item"
+    if inter.is_file():
+        return RawLayout("recbole", directory, name, (inter, item))
+    for interactions_name, items_name in _PARQUET_PAIRS:
+        tables = (directory / interactions_name.format(name=name), directory / items_name.format(name=name))
+        if tables[0].is_file() and tables[1].is_file():
+            return RawLayout("parquet", directory, name, tables, tables=tables)
+    raise PmmcacheError(
+        f"no dataset {name!r} found in {directory}; looked for: "
+        f"PMMRec {name}_users.tsv (+ {name}_items_texts.tsv and/or {name}_images/, {name}.lmdb, images/); "
+        f"RecBole {name}.inter + {name}.item; "
+        f"parquet {name}_interactions.parquet + {name}_items.parquet, or interactions.parquet + items.parquet"
+    )
+
+
+def demo_domains(data_dir: Path) -> list[dict[str, Any]]:
+    """The domains listed in `data_dir/demo/demo.json` ({"name", "role", ...}), generating the demo if absent."""
+    root = Path(data_dir) / DEMO
+    manifest = root / "demo.json"
+    if not manifest.is_file():
+        raise PmmcacheError(f"{manifest} not found; resolve 'demo' once to generate it")
+    try:
+        domains = json.loads(manifest.read_text())["domains"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"cannot read the demo's domain list: {err}", manifest) from err
+    return list(domains)
+
+
+def _ensure_demo(data_dir: Path, cache_dir: Path) -> None:
+    root = data_dir / DEMO
+    if (root / "demo.json").is_file():
+        return
+    with _exclusive_lock(cache_dir / DEMO / ".generate.lock"):
+        if (root / "demo.json").is_file():  # another process generated it while we waited
+            return
+        try:
+            from pmmcache.data.demo import DemoConfig, generate_demo
+        except ImportError as err:
+            raise PmmcacheError(f"the demo generator pmmcache.data.demo cannot be imported: {err}") from err
+        generate_demo(root, DemoConfig())
+
+
+def _layouts(name: str, data_dir: Path, cache_dir: Path) -> tuple[list[RawLayout], list[Path]]:
+    """The raw layouts that make up `name`, and extra files (demo.json) to stamp."""
+    if name == ML_100K:
+        return [detect_layout(recbole_example_dir(ML_100K), ML_100K)], []
+    if name == DEMO or name.startswith(DEMO + "/"):
+        _ensure_demo(data_dir, cache_dir)
+        root = data_dir / DEMO
+        domains = [d["name"] for d in demo_domains(data_dir)]
+        if name != DEMO:
+            domain = name[len(DEMO) + 1 :]
+            if domain not in domains:
+                raise PmmcacheError(f"the demo has no domain {domain!r}; domains: {', '.join(domains)}")
+            domains = [domain]
+        return [detect_layout(root / d, d) for d in domains], [root / "demo.json"]
+    if not _NAME.match(name):
+        raise PmmcacheError(
+            f"dataset name {name!r} must be letters, digits, '_', '-', '.' (special: demo, demo/<domain>, ml-100k)"
+        )
+    directory = data_dir / name
+    if not directory.is_dir():
+        raise PmmcacheError(
+            f"dataset folder {directory} does not exist; put the raw files there "
+            f"(special names not read from it: {DEMO}, {DEMO}/<domain>, {ML_100K})"
+        )
+    return [detect_layout(directory, name)], []
+
+
+def _stamp(path: Path) -> list[int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _raw_signature(layouts: list[RawLayout], extra: list[Path]) -> dict[str, Any]:
+    """JSON-able record of what the raw inputs were; a changed record means rebuild."""
+    files = [p for layout in layouts for p in layout.stamped] + extra
+    return {
+        "format": FORMAT_VERSION,
+        "layouts": [{"kind": layout.kind, "name": layout.name, "directory": str(layout.directory.resolve())} for layout in layouts],
+        "files": {str(p.resolve()): _stamp(p) for p in files},
+    }
+
+
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks until the process that builds is done
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load_if_fresh(directory: Path, signature: dict[str, Any], config: PrepareConfig) -> PreparedDataset | None:
+    if not (directory / "dataset.json").is_file():
+        return None
+    try:
+        manifest = read_manifest(directory)
+        if manifest.get("config") != to_dict(config):
+            return None
+        if manifest.get("provenance", {}).get("raw_signature") != signature:
+            return None
+        return PreparedDataset.load(directory)
+    except DataError:
+        return None  # damaged or from another version: rebuild
+
+
+def cached_dataset_dir(name: str, cache_dir: Path) -> Path:
+    """Where the prepared copy of `name` lives: `cache_dir/<name>/dataset/`."""
+    return Path(cache_dir) / name / "dataset"
+
+
+def _resolve_one(name: str, data_dir: Path, cache_dir: Path, config: PrepareConfig) -> PreparedDataset:
+    target = cached_dataset_dir(name, cache_dir)
+    layouts, extra = _layouts(name, data_dir, cache_dir)
+    with _exclusive_lock(target.parent / ".lock"):
+        signature = _raw_signature(layouts, extra)  # stamped before reading: a change mid-read rebuilds next time
+        cached = _load_if_fresh(target, signature, config)
+        if cached is not None:
+            return cached
+        parts = [prepare(layout.read(), config) for layout in layouts]
+        dataset = parts[0] if len(parts) == 1 else combine(parts, name)
+        dataset.name = name
+        dataset.provenance = {**dataset.provenance, "raw_signature": signature}
+        dataset.save(target)
+        return dataset
+
+
+def resolve_dataset(
+    spec: str, data_dir: Path, cache_dir: Path, config: PrepareConfig | None = None
+) -> PreparedDataset:
+    """The prepared dataset for `spec` (a name, or comma-separated names to combine); see module doc.
+
+    A combined spec `a,b` is named `a+b`; its parts are cached separately and combined in memory.
+    """
+    config = config or PrepareConfig()
+    data_dir, cache_dir = Path(data_dir), Path(cache_dir)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise PmmcacheError(f"empty dataset spec {spec!r}")
+    if len(set(names)) != len(names):
+        raise PmmcacheError(f"dataset spec {spec!r} names a dataset twice")
+    parts = [_resolve_one(name, data_dir, cache_dir, config) for name in names]
+    return parts[0] if len(parts) == 1 else combine(parts, "+".join(names))

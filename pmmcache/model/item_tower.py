@@ -1,0 +1,290 @@
+"""Item towers (paper III-B, eq. 1-3): top encoder blocks on cached states, projections, fusion.
+
+Stage 1 cached the input of block n-k of each frozen encoder. Here the top k blocks run on those
+states (trained), every token is projected to the model width d, and one Transformer block fuses
+`[mm_cls; text tokens; image patches]` into the item vector e^cls:
+
+    text states (N, L, d_text) --text_top--> (N, L, d_text) --text_proj--> (N, L, d) --┐
+                                                                                       ├─ fusion ─► pool ─► (N, d)
+    image states (N, P, d_vision) --vision_top--> (N, P, d_vision) --vision_proj--> (N, P, d) ┘
+
+Choices (paper vs released code, ICDE24/PMMRec):
+- pooling "cls": the fusion output at a learned `mm_cls` token (paper eq. 3). "mean": masked mean
+  over every text and image token, with no `mm_cls` token in the sequence (released code).
+- The fusion block is post-LN, BERT style (GELU, LayerNorm eps 1e-12, init N(0, 0.02)), like the
+  released code's merge-attention block and like the post-LN text encoders it sits on.
+- `fuse_modality_cls`: True feeds each modality's own CLS token to the fusion too (released code
+  fuses the whole last hidden state); False follows eq. 3 literally (t^1..t^p, v^1..v^q only).
+- Missing modalities: a token of an unusable modality is masked out as a key (and zeroed), so an
+  item without an image gets its vector from its text and vice versa.
+- One modality only (paper III-E text-/vision-only): no fusion; the item vector is that
+  modality's projected CLS ("cls") or the masked mean of its projected tokens ("mean", released).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from pmmcache.cache import ItemStates
+from pmmcache.errors import CacheMismatchError, ConfigError
+
+Modality = Literal["text", "image"]
+
+ENCODER_BLOCKS = "encoder_blocks"  # parameter group: top blocks of the pretrained encoders
+HEADS = "heads"  # parameter group: everything trained from scratch (projections, fusion, ...)
+
+
+@dataclass(frozen=True)
+class ItemTowerConfig:
+    """Settings of the item side. `fusion_heads` must divide `d_model` (12 at d = 768: 64 per head, as BERT)."""
+
+    d_model: int = 768  # d, the item vector width (and the user encoder's)
+    fusion_heads: int = 12
+    fusion_ffn: int | None = None  # FFN width of the fusion block; None = 4 * d_model
+    dropout: float = 0.1
+    pooling: Literal["cls", "mean"] = "cls"  # "cls": paper (mm_cls output); "mean": released code
+    modalities: tuple[Modality, ...] = ("text", "image")
+    fuse_modality_cls: bool = True  # feed the text / image CLS tokens to the fusion block too
+
+    def __post_init__(self) -> None:
+        if self.d_model < 1:
+            raise ConfigError(f"item_tower.d_model = {self.d_model}; must be positive")
+        if self.fusion_heads < 1 or self.d_model % self.fusion_heads:
+            raise ConfigError(f"item_tower.fusion_heads = {self.fusion_heads} must divide d_model = {self.d_model}")
+        if self.fusion_ffn is not None and self.fusion_ffn < 1:
+            raise ConfigError(f"item_tower.fusion_ffn = {self.fusion_ffn}; must be positive (or unset for 4 * d)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"item_tower.dropout = {self.dropout}; must be in [0, 1)")
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ConfigError(f"item_tower.modalities = {self.modalities}; name text and/or image, once each")
+        unknown = set(self.modalities) - {"text", "image"}
+        if unknown:
+            raise ConfigError(f"item_tower.modalities: unknown {sorted(unknown)}; use text and/or image")
+
+    @property
+    def ffn_size(self) -> int:
+        return self.fusion_ffn if self.fusion_ffn is not None else 4 * self.d_model
+
+    @property
+    def fuses(self) -> bool:
+        """Whether items are built by the fusion block (both modalities) or from one modality alone."""
+        return len(self.modalities) == 2
+
+
+@dataclass(frozen=True)
+class ItemOutput:
+    """What the item tower returns for N items."""
+
+    vector: Tensor  # (N, d) item representation e^cls, fed to the user encoder and scored
+    text_cls: Tensor | None  # (N, d) projected text CLS t^cls (for NICL), zeros where unusable; None without text
+    image_cls: Tensor | None  # (N, d) projected image CLS v^cls (for NICL), zeros where unusable; None without image
+    modality: Tensor  # (N, 2) bool [text usable, image usable]: where text_cls / image_cls mean something
+
+
+@dataclass(frozen=True)
+class ModalityTokens:
+    """One modality after its top blocks and projection."""
+
+    tokens: Tensor  # (N, T, d), zeros where the modality is unusable
+    keep: Tensor  # (N, T) bool: token may be attended to / pooled
+
+
+def _ensure_one_key(keep: Tensor) -> Tensor:
+    """`keep` (N, T) with position 0 switched on in rows that keep nothing, so attention stays finite."""
+    first = torch.zeros_like(keep)
+    first[:, 0] = True
+    return keep | (first & ~keep.any(dim=1, keepdim=True))
+
+
+def masked_mean(tokens: Tensor, keep: Tensor) -> Tensor:
+    """Mean of `tokens` (N, T, d) over positions where `keep` (N, T) is true -> (N, d); zeros if none."""
+    weights = keep.to(tokens.dtype).unsqueeze(-1)  # (N, T, 1)
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class ItemTower(nn.Module):
+    """Top encoder blocks + projections + fusion: cached ItemStates (N, ...) -> ItemOutput.
+
+    `text_top(hidden (N, L, d_text), attention_mask (N, L)) -> (N, L, d_text)` and
+    `vision_top(hidden (N, P, d_vision)) -> (N, P, d_vision)` are the standalone top-block modules
+    of the pretrained encoders (`TextEncoder.top_module()`, `VisionEncoder.top_module()`).
+    """
+
+    def __init__(
+        self,
+        config: ItemTowerConfig,
+        text_top: nn.Module | None = None,
+        vision_top: nn.Module | None = None,
+        *,
+        d_text: int | None = None,
+        d_vision: int | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.has_text = "text" in config.modalities
+        self.has_image = "image" in config.modalities
+        d = config.d_model
+        for name, wanted, top, width in (
+            ("text", self.has_text, text_top, d_text),
+            ("vision", self.has_image, vision_top, d_vision),
+        ):
+            if wanted and (top is None or width is None):
+                raise ConfigError(f"item tower modalities {config.modalities} need {name}_top and d_{name}")
+            if not wanted and top is not None:
+                raise ConfigError(f"a {name} top module was given, but item tower modalities are {config.modalities}")
+        self.d_text = d_text if self.has_text else None
+        self.d_vision = d_vision if self.has_image else None
+
+        if self.has_text:
+            self.text_top = text_top
+            self.text_proj = nn.Linear(d_text, d)
+        if self.has_image:
+            self.vision_top = vision_top
+            self.vision_proj = nn.Linear(d_vision, d)
+        if config.fuses:
+            if config.pooling == "cls":
+                self.mm_cls = nn.Parameter(torch.empty(1, 1, d))
+            self.fusion = nn.TransformerEncoderLayer(
+                d_model=d,
+                nhead=config.fusion_heads,
+                dim_feedforward=config.ffn_size,
+                dropout=config.dropout,
+                activation="gelu",
+                layer_norm_eps=1e-12,
+                batch_first=True,
+                norm_first=False,
+            )
+        self.reset_head_parameters()
+
+    def reset_head_parameters(self) -> None:
+        """Initialise what is trained from scratch (released code: xavier-normal projections, BERT-init fusion).
+
+        The top blocks keep their pretrained weights.
+        """
+        for proj in (getattr(self, "text_proj", None), getattr(self, "vision_proj", None)):
+            if proj is not None:
+                nn.init.xavier_normal_(proj.weight)
+                nn.init.zeros_(proj.bias)
+        if self.config.fuses:
+            if self.config.pooling == "cls":
+                nn.init.normal_(self.mm_cls, std=0.02)
+            for name, param in self.fusion.named_parameters():
+                if name.startswith("norm") and name.endswith("weight"):
+                    nn.init.ones_(param)
+                elif name.endswith("bias"):
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, std=0.02)
+
+    # ---- parameters ----------------------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by role: "encoder_blocks" (pretrained top blocks) and "heads" (the rest).
+
+        The released code puts weight decay 0.1 on the heads and 0 on the encoder blocks.
+        """
+        groups: dict[str, list[nn.Parameter]] = {ENCODER_BLOCKS: [], HEADS: []}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            is_block = name.startswith(("text_top.", "vision_top."))
+            groups[ENCODER_BLOCKS if is_block else HEADS].append(param)
+        return groups
+
+    # ---- per modality --------------------------------------------------------------------------------
+    def _usable(self, states: ItemStates, num_items: int, device: torch.device) -> Tensor:
+        """(N, 2) bool [text usable, image usable]; a modality absent from the states is unusable."""
+        if states.modality is not None:
+            usable = states.modality.to(device=device, dtype=torch.bool).clone()
+        else:
+            usable = torch.ones(num_items, 2, dtype=torch.bool, device=device)
+        if states.text is None:
+            usable[:, 0] = False
+        if states.image is None:
+            usable[:, 1] = False
+        return usable
+
+    def _encode_text(self, states: ItemStates, usable: Tensor) -> ModalityTokens:
+        weight = self.text_proj.weight
+        hidden = states.text.to(device=weight.device, dtype=weight.dtype)  # (N, L, d_text)
+        if hidden.dim() != 3 or hidden.shape[-1] != self.d_text:
+            raise CacheMismatchError(
+                f"cached text states have shape {tuple(hidden.shape)}; the text tower expects (N, L, {self.d_text})")
+        if states.text_mask is None:
+            raise ValueError("text states come without their attention mask")
+        token_mask = states.text_mask.to(device=weight.device, dtype=torch.bool)  # (N, L)
+        # Rows with no token at all (the padding item) still get a key, so attention cannot go NaN.
+        hidden = self.text_top(hidden, _ensure_one_key(token_mask).long())  # (N, L, d_text)
+        tokens = self.text_proj(hidden).masked_fill(~usable[:, None, None], 0.0)  # (N, L, d)
+        return ModalityTokens(tokens, token_mask & usable[:, None])
+
+    def _encode_image(self, states: ItemStates, usable: Tensor) -> ModalityTokens:
+        weight = self.vision_proj.weight
+        hidden = states.image.to(device=weight.device, dtype=weight.dtype)  # (N, P, d_vision)
+        if hidden.dim() != 3 or hidden.shape[-1] != self.d_vision:
+            raise CacheMismatchError(
+                f"cached image states have shape {tuple(hidden.shape)}; the vision tower expects (N, P, {self.d_vision})")
+        hidden = self.vision_top(hidden)  # (N, P, d_vision)
+        tokens = self.vision_proj(hidden).masked_fill(~usable[:, None, None], 0.0)  # (N, P, d)
+        keep = usable[:, None].expand(-1, tokens.shape[1])  # (N, P): every patch of a usable image
+        return ModalityTokens(tokens, keep)
+
+    def encode_modalities(self, states: ItemStates) -> tuple[ModalityTokens | None, ModalityTokens | None, Tensor]:
+        """Top blocks + projection per modality -> (text tokens or None, image tokens or None, usable (N, 2))."""
+        present = states.text if states.text is not None else states.image
+        if present is None:
+            raise ValueError("item states hold neither text nor image states")
+        device = (self.text_proj if self.has_text else self.vision_proj).weight.device
+        usable = self._usable(states, present.shape[0], device)
+        text = self._encode_text(states, usable[:, 0]) if self.has_text and states.text is not None else None
+        image = self._encode_image(states, usable[:, 1]) if self.has_image and states.image is not None else None
+        if text is None and image is None:
+            raise ValueError(f"item states hold none of the tower's modalities {self.config.modalities}")
+        return text, image, usable
+
+    # ---- fusion --------------------------------------------------------------------------------------
+    def fusion_sequence(
+        self, text: ModalityTokens | None, image: ModalityTokens | None
+    ) -> tuple[Tensor, Tensor]:
+        """The fusion block's input [mm_cls ("cls" pooling only); text tokens; image tokens] and its keep mask.
+
+        Returns tokens (N, T, d) and keep (N, T) bool (True = a real, usable token).
+        """
+        parts = [m for m in (text, image) if m is not None]
+        start = 0 if self.config.fuse_modality_cls else 1  # position 0 of each modality is its CLS
+        tokens = [m.tokens[:, start:] for m in parts]
+        keep = [m.keep[:, start:] for m in parts]
+        if self.config.pooling == "cls":
+            count = parts[0].tokens.shape[0]
+            tokens.insert(0, self.mm_cls.to(parts[0].tokens.dtype).expand(count, -1, -1))  # (N, 1, d)
+            keep.insert(0, torch.ones(count, 1, dtype=torch.bool, device=parts[0].keep.device))
+        return torch.cat(tokens, dim=1), torch.cat(keep, dim=1)  # (N, T, d), (N, T)
+
+    def fuse(self, tokens: Tensor, keep: Tensor) -> Tensor:
+        """One fusion block over `tokens` (N, T, d) attending only to kept keys -> (N, T, d)."""
+        return self.fusion(tokens, src_key_padding_mask=~_ensure_one_key(keep))
+
+    def pool(self, fused: Tensor, keep: Tensor) -> Tensor:
+        """Item vectors (N, d) from fusion outputs (N, T, d): the mm_cls output, or the masked token mean."""
+        if self.config.pooling == "cls":
+            return fused[:, 0]
+        return masked_mean(fused, keep)
+
+    # ---- the tower -----------------------------------------------------------------------------------
+    def forward(self, states: ItemStates) -> ItemOutput:
+        """Cached states of N items (flat, de-duplicated by the caller) -> ItemOutput."""
+        text, image, usable = self.encode_modalities(states)
+        if self.config.fuses:
+            tokens, keep = self.fusion_sequence(text, image)  # (N, T, d), (N, T)
+            vector = self.pool(self.fuse(tokens, keep), keep)  # (N, d)
+        else:
+            single = text if text is not None else image
+            vector = single.tokens[:, 0] if self.config.pooling == "cls" else masked_mean(single.tokens, single.keep)
+        return ItemOutput(
+            vector=vector,
+            text_cls=text.tokens[:, 0] if text is not None else None,
+            image_cls=image.tokens[:, 0] if image is not None else None,
+            modality=usable,
+        )

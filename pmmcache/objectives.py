@@ -1,0 +1,237 @@
+"""PMMRec training objectives (paper section III, eq. 5-11) as pure functions of tensors.
+
+Shapes: B users per batch, L positions per sequence, d hidden size. Item id 0 is padding.
+
+Negatives follow the paper (eq. 5, reused by eq. 8 and 11): for user u, every item in the batch
+except u's own items. "Own" is decided by item id, so an item of another user that equals one of
+u's items is not a negative for u either. Padding is never a candidate. Duplicated negatives (the
+same item in two other users' sequences) each count, as in the paper's sum over positions.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+PADDING_ID = 0
+NICL_VARIANTS = ("nicl", "icl", "vcl")
+
+
+def in_batch_negative_mask(item_ids: torch.Tensor) -> torch.Tensor:
+    """Which in-batch items are valid negatives for each user.
+
+    Args:
+        item_ids: (B, N) long, item ids of every user's sequence, 0 = padding.
+
+    Returns:
+        (B, B*N) bool; entry [u, k*N + j] is True iff item_ids[k, j] is not padding and is not
+        equal to any (non-padding) item of user u. The candidates are the batch flattened row by
+        row, the same order as `item_ids.reshape(-1)`. A user's own positions are always False.
+    """
+    if item_ids.dim() != 2:
+        raise ValueError(f"item_ids must be (B, N), got shape {tuple(item_ids.shape)}")
+    candidates = item_ids.reshape(-1)  # (B*N,)
+    own_items = item_ids.masked_fill(item_ids == PADDING_ID, -1)  # (B, N); -1 never matches an id
+    # (B, N, B*N) -> any over the user's positions; B*N is small (~700), so this stays cheap.
+    is_own = (own_items[:, :, None] == candidates[None, None, :]).any(dim=1)  # (B, B*N)
+    return ~is_own & (candidates != PADDING_ID)[None, :]
+
+
+def dap_loss(
+    user_states: torch.Tensor,
+    item_vectors: torch.Tensor,
+    item_ids: torch.Tensor,
+    log_popularity: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Dense auto-regressive prediction (eq. 5): every position predicts the next item.
+
+    Args:
+        user_states: (B, S, d) user-encoder outputs h over the input items.
+        item_vectors: (B, N, d) item vectors e of the whole sequence, N = S + 1 (input items plus
+            the final target, as stage 2 calls it) or N = S (the paper's form: the last state has
+            no target). State t is scored against item t + 1 of the same row.
+        item_ids: (B, N) long ids of `item_vectors`, 0 = padding.
+        log_popularity: optional (num_items + 1,) log popularity per item id. When given, each
+            candidate's logit is reduced by it (logQ correction of the released code). Any constant
+            offset cancels in the softmax, so log counts and log probabilities act the same.
+        temperature: logits are dot products divided by this (paper: 1, raw dot products).
+
+    Returns:
+        Scalar: mean cross-entropy over positions t whose input item t and target item t + 1 are
+        both non-padding, i.e. 1 / (B (L-1)) with L = N in the paper's notation when nothing is
+        padded. Candidates are all B*N items of the batch, masked by `in_batch_negative_mask`
+        except the positive (the target at its own position). No ℓ2-normalisation: eq. 5 and the
+        released code use raw dot products h·e.
+    """
+    batch, steps, dim = user_states.shape
+    length = item_vectors.shape[1]
+    if item_vectors.shape[0] != batch or item_vectors.shape[2] != dim:
+        raise ValueError(f"item_vectors {tuple(item_vectors.shape)} does not match user_states {tuple(user_states.shape)}")
+    if item_ids.shape != (batch, length):
+        raise ValueError(f"item_ids must be {(batch, length)}, got {tuple(item_ids.shape)}")
+    if length not in (steps, steps + 1):
+        raise ValueError(f"item_vectors must have S or S + 1 positions (S = {steps}), got {length}")
+    predicting = length - 1  # states 0 .. N-2 each have a target
+    queries = user_states[:, :predicting].float()  # (B, N-1, d)
+    candidates = item_vectors.reshape(batch * length, dim).float()  # (B*N, d)
+
+    logits = queries @ candidates.T / temperature  # (B, N-1, B*N)
+    candidate_ids = item_ids.reshape(-1)  # (B*N,)
+    if log_popularity is not None:
+        logits = logits - log_popularity.float()[candidate_ids]
+
+    # Column of the positive for (u, t): item t + 1 of row u in the flattened batch.
+    users = torch.arange(batch, device=item_ids.device)
+    positions = torch.arange(predicting, device=item_ids.device)
+    target_columns = users[:, None] * length + positions[None, :] + 1  # (B, N-1)
+
+    allowed = in_batch_negative_mask(item_ids)[:, None, :].expand(batch, predicting, batch * length).clone()
+    allowed.scatter_(2, target_columns[:, :, None], True)  # (B, N-1, B*N)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+
+    valid = (item_ids[:, :-1] != PADDING_ID) & (item_ids[:, 1:] != PADDING_ID)  # (B, N-1)
+    if not valid.any():
+        return (user_states.sum() + item_vectors.sum()) * 0.0
+    return F.cross_entropy(logits[valid], target_columns[valid])
+
+
+def nicl_loss(
+    text_cls: torch.Tensor,
+    image_cls: torch.Tensor,
+    item_ids: torch.Tensor,
+    variant: Literal["nicl", "icl", "vcl"] = "nicl",
+    temperature: float = 1.0,
+    next_item_in_denominator: bool = False,
+) -> torch.Tensor:
+    """Cross-modal contrastive alignment of item texts and images (eq. 6-9).
+
+    Both modalities are ℓ2-normalised; δ(a, b) = exp(a·b / temperature).
+    For the text anchor t_l of user u (the image direction swaps t and v):
+      - "vcl" (eq. 6): -log δ(t_l, v_l) / [δ(t_l, v_l) + Σ_neg δ(t_l, v_neg)]
+      - "icl" (eq. 7): the denominator also sums the intra-modality negatives Σ_neg δ(t_l, t_neg)
+      - "nicl" (eq. 8): ICL whose numerator adds the next item's image and text,
+        δ(t_l, v_l) + δ(t_l, v_{l+1}) + δ(t_l, t_{l+1}). Read literally, eq. 8 leaves those two
+        extra positives out of the denominator, so the loss can go below zero (down to -log 3 at
+        temperature 1); that literal form is the default. `next_item_in_denominator=True` adds
+        them to the denominator (the usual multi-positive InfoNCE, always >= 0).
+    Negatives are `in_batch_negative_mask`: items of other users that are not u's own items.
+
+    Args:
+        text_cls: (B, L, d) text-encoder CLS vectors t.
+        image_cls: (B, L, d) vision-encoder CLS vectors v.
+        item_ids: (B, L) long, 0 = padding.
+
+    Returns:
+        Scalar: mean over valid positions of (L^{T,V} + L^{V,T}) / 2 (eq. 9). Valid means a
+        non-padding item, and for "nicl" also a non-padding next item (positions 1..L-1).
+    """
+    if variant not in NICL_VARIANTS:
+        raise ValueError(f"variant must be one of {NICL_VARIANTS}, got {variant!r}")
+    batch, length, dim = text_cls.shape
+    if image_cls.shape != text_cls.shape or item_ids.shape != (batch, length):
+        raise ValueError(
+            f"shapes differ: text {tuple(text_cls.shape)}, image {tuple(image_cls.shape)}, ids {tuple(item_ids.shape)}"
+        )
+    texts = F.normalize(text_cls.float(), dim=-1).reshape(batch * length, dim)  # (B*L, d)
+    images = F.normalize(image_cls.float(), dim=-1).reshape(batch * length, dim)  # (B*L, d)
+
+    present = item_ids != PADDING_ID  # (B, L)
+    if variant == "nicl":
+        valid = torch.zeros_like(present)
+        valid[:, :-1] = present[:, :-1] & present[:, 1:]
+    else:
+        valid = present
+    rows = valid.reshape(-1).nonzero().squeeze(1)  # (R,) flat anchor positions
+    if rows.numel() == 0:
+        return (text_cls.sum() + image_cls.sum()) * 0.0
+
+    negatives = in_batch_negative_mask(item_ids)[rows // length]  # (R, B*L)
+
+    def direction(anchors: torch.Tensor, same: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """Per-anchor loss with `other` the paired modality and `same` the anchor's own."""
+        anchor = anchors[rows]  # (R, d)
+        to_other = anchor @ other.T / temperature  # (R, B*L)
+        to_same = anchor @ same.T / temperature  # (R, B*L)
+        positive = to_other.gather(1, rows[:, None])  # (R, 1): δ(t_l, v_l)
+        denominator = [positive, to_other.masked_fill(~negatives, float("-inf"))]
+        if variant != "vcl":
+            denominator.append(to_same.masked_fill(~negatives, float("-inf")))
+        numerator = [positive]
+        if variant == "nicl":
+            following = (rows + 1)[:, None]  # next position of the same user
+            next_items = [to_other.gather(1, following), to_same.gather(1, following)]
+            numerator += next_items
+            if next_item_in_denominator:
+                denominator += next_items
+        return torch.logsumexp(torch.cat(denominator, 1), 1) - torch.logsumexp(torch.cat(numerator, 1), 1)
+
+    text_anchored = direction(texts, texts, images)  # L^{T,V}, (R,)
+    image_anchored = direction(images, images, texts)  # L^{V,T}, (R,)
+    return ((text_anchored + image_anchored) / 2).mean()
+
+
+def nid_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Noised item detection (eq. 10): 3-way classification unchanged / shuffled / replaced.
+
+    Eq. 10 applies ReLU to the linear classifier output and writes -Σ y log ŷ. ReLU outputs are not
+    probabilities, so we read ŷ as softmax(ReLU(hW + b)): softmax cross-entropy over the ReLU'd
+    logits. ReLU is applied here; applying it before as well changes nothing (it is idempotent).
+
+    Args:
+        logits: (B, L, 3) classifier output hW + b on the corrupted sequence.
+        labels: (B, L) long in {0 unchanged, 1 shuffled, 2 replaced}; `ignore_index` (padding)
+            positions are left out of the mean.
+
+    Returns:
+        Scalar: mean over non-ignored positions (eq. 10's 1 / (B L) when nothing is padded).
+    """
+    if logits.shape[:-1] != labels.shape or logits.shape[-1] != 3:
+        raise ValueError(f"logits must be {tuple(labels.shape) + (3,)}, got {tuple(logits.shape)}")
+    if not (labels != ignore_index).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(
+        F.relu(logits.float()).reshape(-1, 3), labels.reshape(-1), ignore_index=ignore_index
+    )
+
+
+def masked_mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `states` (B, L, d) over positions where `mask` (B, L) is true -> (B, d).
+
+    A row with no true position pools to zeros.
+    """
+    weights = mask.to(states.dtype)[:, :, None]  # (B, L, 1)
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def rcl_loss(
+    original: torch.Tensor,
+    corrupted: torch.Tensor,
+    temperature: float = 1.0,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Robustness-aware contrastive learning (eq. 11).
+
+    User u's pooled original sequence h_u is the anchor; its corrupted sequence h~_u is the positive
+    and the corrupted sequences h~_k of the other users in the batch are the negatives (one
+    direction, as written in eq. 11).
+
+    Eq. 11 does not say whether h is normalised. We ℓ2-normalise by default, like NICL: pooled
+    Transformer states have norm ~sqrt(d) after LayerNorm, so raw dot products would be of order d
+    and saturate the softmax. `normalize=False` gives the literal raw dot products.
+
+    Args:
+        original: (B, d) pooled states of the original sequences.
+        corrupted: (B, d) pooled states of the corrupted sequences, same user order.
+
+    Returns:
+        Scalar: mean over the B users.
+    """
+    if original.shape != corrupted.shape or original.dim() != 2:
+        raise ValueError(f"original {tuple(original.shape)} and corrupted {tuple(corrupted.shape)} must be equal (B, d)")
+    anchors, others = original.float(), corrupted.float()
+    if normalize:
+        anchors, others = F.normalize(anchors, dim=-1), F.normalize(others, dim=-1)
+    logits = anchors @ others.T / temperature  # (B, B)
+    return F.cross_entropy(logits, torch.arange(original.shape[0], device=original.device))
