@@ -46,7 +46,9 @@ FLAG_NAMES = {
 }
 
 # Manifest fields that do not change the cached states; they are recorded but never compared.
-INFORMATIONAL_FIELDS = ("created_by", "extract")
+# (Where a model lives is informational: its weights are compared through their fingerprint.)
+INFORMATIONAL_FIELDS = {"created_by", "extract", "text.resolved_path", "text.spec.name", "image.spec.name",
+                        "image.weights_file"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ def cache_layout(num_rows: int, text: tuple[int, int] | None, image: tuple[int, 
 def create_cache(path: Path, manifest: dict[str, Any], keys: list[str], layout: list[ArraySpec]) -> None:
     """Create the file with every dataset allocated, atomically (temporary name, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(path.name + ".tmp*"):  # left by a process killed while creating
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with h5py.File(tmp, "w") as f:
         f.attrs["format_version"] = FORMAT_VERSION
@@ -138,9 +142,9 @@ def manifest_differences(found: dict[str, Any], expected: dict[str, Any], prefix
     """Fields of `expected` whose value differs in `found` (nested, dotted names)."""
     diffs = []
     for key, want in expected.items():
-        if not prefix and key in INFORMATIONAL_FIELDS:
-            continue
         name = f"{prefix}{key}"
+        if name in INFORMATIONAL_FIELDS:
+            continue
         have = found.get(key, "<absent>") if isinstance(found, dict) else "<absent>"
         if isinstance(want, dict) and isinstance(have, dict):
             diffs += manifest_differences(have, want, name + ".")

@@ -17,11 +17,29 @@ from pmmcache.config import from_dict, load_file  # noqa: E402
 from pmmcache.errors import ConfigError, PmmcacheError  # noqa: E402
 
 
-def build_config(cls: type, config_file: str | None, overrides: dict[str, Any]) -> Any:
-    """Config = defaults < config file < command-line options (only those given)."""
+def build_config(cls: type, config_file: str | None, overrides: dict[str, Any], settings: tuple[str, ...] = ()) -> Any:
+    """Config = defaults < config file < command-line options (only those given) < --set KEY=VALUE."""
     data = load_file(config_file) if config_file else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
+    for setting in settings:
+        set_dotted(data, setting)
     return from_dict(cls, data)
+
+
+def set_dotted(data: dict[str, Any], setting: str) -> None:
+    """Apply `a.b.c=value` to nested dicts; the value is parsed as YAML (numbers, true/false, lists)."""
+    import yaml
+
+    if "=" not in setting:
+        raise ConfigError(f"--set {setting!r}: expected KEY=VALUE, e.g. model.item_tower.d_model=256")
+    key, raw = setting.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {setting!r}: {part!r} is not a table of settings")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
 
 class FriendlyGroup(click.Group):
@@ -104,6 +122,85 @@ def prepare(dataset: str, data_dir: str, cache_dir: str, **options: Any) -> None
     config = from_dict(PrepareConfig, {k: v for k, v in options.items() if v is not None})
     prepared = resolve_dataset(dataset, Path(data_dir), Path(cache_dir), config)
     click.echo(json.dumps(prepared.manifest(), indent=2))
+
+
+ENCODER_OPTIONS = ("text_encoder", "vision_encoder", "vision_weights", "top_blocks", "max_text_length", "image_size")
+
+
+@main.command()
+@click.option("--stage", type=click.Choice(["pretrain", "finetune"]), help="pretrain: DAP+NICL+NID+RCL; finetune: DAP only.  [default: pretrain]")
+@click.option("--dataset", help="Dataset(s) to train on; comma-separated names are combined (multi-source pre-training), e.g. demo/kitchen,demo/garden.  [default: demo]")
+@click.option("--cache-dataset", help="Which extracted cache holds the items.  [default: the dataset's base name, e.g. demo]")
+@click.option("--init", help="Run (name or directory) whose model parts start this one, e.g. a pre-trained run for fine-tuning.")
+@click.option("--run-name", help="Run directory name under --runs-dir.  [default: <stage>-<dataset>]")
+@click.option("--runs-dir", type=click.Path(file_okay=False), help="[default: runs]")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="[default: data]")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="[default: cache]")
+@click.option("--text-encoder", help="Must match the cache (same as for extract).")
+@click.option("--vision-encoder", help="Must match the cache (same as for extract).")
+@click.option("--vision-weights", help="Must match the cache (same as for extract).")
+@click.option("-k", "--top-blocks", type=int, help="Top encoder blocks trained.  [default: 2]")
+@click.option("--epochs", type=int, help="[default: 5]")
+@click.option("--batch-size", type=int, help="Users per process.  [default: 32]")
+@click.option("--lr", type=float, help="AdamW learning rate.  [default: 1e-4]")
+@click.option("--grad-clip", type=float, help="Max gradient norm, 0 = off.  [default: 0]")
+@click.option("--mixed-precision", type=click.Choice(["auto", "no", "fp16", "bf16"]), help="[default: auto = bf16 on CUDA]")
+@click.option("--patience", type=int, help="Early stopping patience in epochs.  [default: 3]")
+@click.option("--seed", type=int, help="[default: 42]")
+@click.option("--resume", is_flag=True, default=None, help="Continue the run from its last finished epoch.")
+@click.option("--set", "settings", multiple=True, help="Override any setting, e.g. --set model.item_tower.d_model=256 --set objectives.nid=0.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML/YAML/JSON file of settings (TrainConfig fields).")
+def train(config_file: str | None, settings: tuple[str, ...], **options: Any) -> None:
+    """Stage 2: train top blocks + fusion + user encoder on cached states (pre-train or fine-tune).
+
+    Runs on CPU, one GPU, or many with `accelerate launch -m pmmcache train ...`. Writes
+    runs/<run>/ with config.json, metrics.jsonl, per-epoch checkpoints and best/ (safetensors).
+    """
+    from pmmcache import train as stage
+
+    _quiet_libraries()
+    encoders = {k: options.pop(k) for k in ENCODER_OPTIONS if options.get(k) is not None}
+    data = load_file(config_file) if config_file else {}
+    if encoders:
+        data["encoders"] = {**data.get("encoders", {}), **encoders}
+    for k in ENCODER_OPTIONS:
+        options.pop(k, None)
+    data.update({k: v for k, v in options.items() if v is not None})
+    for setting in settings:
+        set_dotted(data, setting)
+    stage.run(from_dict(stage.TrainConfig, data))
+
+
+@main.command("eval")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="A run directory (runs/<run>).")
+@click.option("--full-rank", is_flag=True, default=True, help="Rank every item for every user (the only mode; kept for clarity).")
+@click.option("--dataset", help="Evaluate on another dataset than the run's (its items must be in a cache).")
+@click.option("--no-mask-history", is_flag=True, help="Do not mask the user's history before ranking (RecBole's default).")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write the JSON here.  [default: <run>/eval-full-rank.json]")
+def eval_(run_dir: str, full_rank: bool, dataset: str | None, no_mask_history: bool, output: str | None) -> None:
+    """Full-ranking evaluation of a run's best model: HR and NDCG at 10, 20, 50 on valid and test."""
+    from pmmcache import evaluate as stage
+
+    _quiet_libraries()
+    stage.run_cli(Path(run_dir), dataset=dataset, mask_history=not no_mask_history,
+                  output=Path(output) if output else None)
+
+
+@main.command()
+@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--runs-dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--target", help="Target domain to fine-tune on.  [default: the demo's first target domain]")
+@click.option("--pretrain-epochs", type=int, help="[default: 2]")
+@click.option("--finetune-epochs", type=int, help="[default: 4]")
+def demo(**options: Any) -> None:
+    """The main job on the embedded dataset: extract -> pre-train on source domains -> fine-tune on a
+    target domain from scratch and from the pre-trained run -> full-rank test HR@10 / NDCG@10 beside
+    random ranking. Sized for a 2-core CPU (tiny model, one trained block); rerunning resumes."""
+    from pmmcache import demo_job
+
+    _quiet_libraries()
+    demo_job.run(from_dict(demo_job.DemoJobConfig, {k: v for k, v in options.items() if v is not None}))
 
 
 @main.group()

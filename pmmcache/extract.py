@@ -29,6 +29,7 @@ from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, VisionEncoderSpec
 from pmmcache.encoders.hub import packaged_text_model_path
 from pmmcache.errors import CacheMismatchError, ConfigError, PmmcacheError
+from pmmcache.runtime import use_cpu
 
 Modality = Literal["text", "image"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -203,6 +204,11 @@ class ItemRows(Dataset):
         return batch
 
 
+def _process_state(device: str) -> PartialState:
+    """This process's place among those of `accelerate launch` (one process alone otherwise)."""
+    return PartialState(cpu=use_cpu(device))
+
+
 def _resolve_device(device: str, state: PartialState) -> torch.device:
     if device == "auto":
         return state.device
@@ -225,7 +231,7 @@ class ExtractResult:
 
 def run(config: ExtractConfig, show_progress: bool = True) -> ExtractResult:
     """Extract (or resume extracting) the cache for `config.dataset`; returns what was done."""
-    state = PartialState()
+    state = _process_state(config.device)
     dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir))
     text_spec, vision_spec = encoder_specs(config)
     if text_spec is not None and not any(t and t.strip() for t in dataset.items.column("text").to_pylist()):
@@ -252,6 +258,7 @@ def run(config: ExtractConfig, show_progress: bool = True) -> ExtractResult:
 
     writer = cache_io.CacheWriter(path)
     pending = writer.pending_rows()
+    state.wait_for_everyone()  # all processes split the same pending rows: none may write before all have read
     mine = pending[state.process_index::state.num_processes]
     batches = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
     rows = ItemRows(batches, *_item_columns(dataset), dataset.image_stores, text, vision)

@@ -135,7 +135,8 @@ class PreparedDataset:
         if split == "test":
             return _left_padded(values, starts, ends - 1, max_len), _at(values, ends - 1)
         if split == "train":
-            return _left_padded(values, starts, ends - 3, max_len), _left_padded(values, starts + 1, ends - 2, max_len)
+            inputs = _left_padded(values, starts, ends - 3, max_len)
+            return inputs, _left_padded(values, starts + 1, ends - 2, max_len)
         raise ConfigError(f"split must be 'train', 'valid' or 'test', got {split!r}")
 
     def train_sequences(self, max_len: int | None = None) -> np.ndarray:
@@ -160,7 +161,9 @@ class PreparedDataset:
             "sources": self.sources,
             "image_stores": self.image_stores,
             "config": to_dict(self.config),
-            "counts": {"items": self.num_items, "users": self.num_users, "interactions": int((ends - starts).sum())},
+            "counts": {
+                "items": self.num_items, "users": self.num_users, "interactions": int((ends - starts).sum())
+            },
             "report": self.report,
             "fingerprint": self.fingerprint,
             "provenance": self.provenance,
@@ -442,8 +445,9 @@ def combine(datasets: list[PreparedDataset], name: str) -> PreparedDataset:
 
         store_map = np.array([_store_position(stores, spec) for spec in dataset.image_stores] + [-1], np.int16)
         local_store = dataset.items.column("image_store").to_numpy()
+        shifted_index = pa.array(dataset.items.column("index").to_numpy() + offset, pa.int32())
         item_tables.append(
-            dataset.items.set_column(0, "index", pa.array(dataset.items.column("index").to_numpy() + offset, pa.int32()))
+            dataset.items.set_column(0, "index", shifted_index)
             .set_column(4, "image_store", pa.array(store_map[local_store], pa.int16()))
         )
         values, starts, ends = dataset._sequences()
@@ -460,7 +464,9 @@ def combine(datasets: list[PreparedDataset], name: str) -> PreparedDataset:
         image_stores=stores,
         config=config,
         report={"sources": sources_report},
-        provenance={"combined": [{"name": d.name, "fingerprint": d.fingerprint, **d.provenance} for d in datasets]},
+        provenance={
+            "combined": [{"name": d.name, "fingerprint": d.fingerprint, **d.provenance} for d in datasets]
+        },
     )
 
 
@@ -495,7 +501,8 @@ def select_sources(dataset: PreparedDataset, sources: list[str], name: str | Non
     store_map = np.full(len(dataset.image_stores) + 1, -1, np.int16)  # last slot maps -1 to -1
     store_map[used_stores] = np.arange(len(used_stores))
     items = items.set_column(0, "index", pa.array(np.arange(1, items.num_rows + 1), pa.int32()))
-    items = items.set_column(4, "image_store", pa.array(store_map[items.column("image_store").to_numpy()], pa.int16()))
+    remapped_stores = store_map[items.column("image_store").to_numpy()]
+    items = items.set_column(4, "image_store", pa.array(remapped_stores, pa.int16()))
     users = dataset.users.filter(pa.array(user_mask))
     users = users.set_column(2, "items", _list_column(mapped.astype(np.int32), offsets))
 
@@ -506,5 +513,8 @@ def select_sources(dataset: PreparedDataset, sources: list[str], name: str | Non
         image_stores=[dataset.image_stores[i] for i in used_stores],
         config=dataset.config,
         report={"sources": {s: r for s, r in dataset.report.get("sources", {}).items() if s in wanted}},
-        provenance={"selected_from": {"name": dataset.name, "fingerprint": dataset.fingerprint}, "sources": list(sources)},
+        provenance={
+            "selected_from": {"name": dataset.name, "fingerprint": dataset.fingerprint},
+            "sources": list(sources),
+        },
     )

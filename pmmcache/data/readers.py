@@ -16,7 +16,6 @@ from pmmcache.data.images import (
     FolderImageStore,
     ImageStore,
     ParquetImageStore,
-    is_lmdb_dir,
     open_image_path,
 )
 from pmmcache.errors import DataError, PmmcacheError
@@ -33,7 +32,9 @@ class Problem:
     item: str | None = None
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "message": self.message, "path": self.path, "line": self.line, "item": self.item}
+        return {
+            "kind": self.kind, "message": self.message, "path": self.path, "line": self.line, "item": self.item
+        }
 
 
 @dataclass
@@ -132,7 +133,9 @@ def read_pmmrec(directory: str | Path, name: str, images: str | Path | None = No
     for number, line in _lines(users_path):
         columns = line.split("\t")
         if len(columns) != 2:
-            raise DataError(f"expected 2 tab-separated columns (user, items), found {len(columns)}", users_path, number)
+            raise DataError(
+                f"expected 2 tab-separated columns (user, items), found {len(columns)}", users_path, number
+            )
         user = columns[0].strip()
         if not user:
             raise DataError("empty user id", users_path, number)
@@ -144,9 +147,8 @@ def read_pmmrec(directory: str | Path, name: str, images: str | Path | None = No
             problems.append(Problem("empty_sequence", f"user {user!r} has no items", str(users_path), number))
         for item in sequence:
             if item not in items:
-                problems.append(
-                    Problem("unknown_item", f"item {item!r} is not in the items file", str(users_path), number, item)
-                )
+                message = f"item {item!r} is not in the items file"
+                problems.append(Problem("unknown_item", message, str(users_path), number, item))
                 continue
             interactions.append((user, item, None, len(interactions)))
 
@@ -287,7 +289,8 @@ def read_recbole(
         if time_col is not None:
             timestamp = _number(values[time_col], inter_path, number, time_field)
         if item not in items:
-            problems.append(Problem("unknown_item", f"item {item!r} is not in {item_path.name}", str(inter_path), number, item))
+            message = f"item {item!r} is not in {item_path.name}"
+            problems.append(Problem("unknown_item", message, str(inter_path), number, item))
             continue
         interactions.append((user, item, timestamp, len(interactions)))
 
@@ -390,14 +393,16 @@ def read_parquet(
             folder = FolderImageStore(root)
             store = folder
             files.append(str(folder.path))
-            for row, (item, image) in enumerate(zip(item_ids, items_table.column(image_name).to_pylist()), start=1):
+            paths = items_table.column(image_name).to_pylist()
+            for row, (item, image) in enumerate(zip(item_ids, paths), start=1):
                 if image is None:
                     continue
                 key = _relative_image_key(Path(image), folder.path, items_path, row)
                 if folder.has(key):
                     image_keys[item] = key
                 else:
-                    problems.append(Problem("missing_image", f"image file {image!r} not found", str(items_path), row, item))
+                    message = f"image file {image!r} not found"
+                    problems.append(Problem("missing_image", message, str(items_path), row, item))
         else:
             raise DataError(f"image column {image_name!r} must hold bytes or paths, not {image_type}", items_path)
 
@@ -412,7 +417,8 @@ def read_parquet(
     interactions: list[tuple[str, str, float | None, int]] = []
     for row, (user, item) in enumerate(zip(users, inter_items)):
         if item not in items:
-            problems.append(Problem("unknown_item", f"item {item!r} is not in {items_path.name}", str(interactions_path), row + 1, item))
+            message = f"item {item!r} is not in {items_path.name}"
+            problems.append(Problem("unknown_item", message, str(interactions_path), row + 1, item))
             continue
         interactions.append((user, item, times[row] if times is not None else None, len(interactions)))
 

@@ -95,7 +95,7 @@ def detect_layout(directory: Path, name: str) -> RawLayout:
 
 
 def demo_domains(data_dir: Path) -> list[dict[str, Any]]:
-    """The domains listed in `data_dir/demo/demo.json` ({"name", "role", ...}), generating the demo if absent."""
+    """The domains of the generated demo, from `data_dir/demo/demo.json`: [{"name", "role", ...}]."""
     root = Path(data_dir) / DEMO
     manifest = root / "demo.json"
     if not manifest.is_file():
@@ -161,7 +161,10 @@ def _raw_signature(layouts: list[RawLayout], extra: list[Path]) -> dict[str, Any
     files = [p for layout in layouts for p in layout.stamped] + extra
     return {
         "format": FORMAT_VERSION,
-        "layouts": [{"kind": layout.kind, "name": layout.name, "directory": str(layout.directory.resolve())} for layout in layouts],
+        "layouts": [
+            {"kind": layout.kind, "name": layout.name, "directory": str(layout.directory.resolve())}
+            for layout in layouts
+        ],
         "files": {str(p.resolve()): _stamp(p) for p in files},
     }
 

@@ -1,0 +1,135 @@
+"""Full-ranking evaluation: every item through the item tower once, every user against every item.
+
+Leave-one-out (paper IV-A): valid = history seq[:-2] -> target seq[-2]; test = history seq[:-1] ->
+target seq[-1]. The user's history is masked out before ranking (PMMRec; `mask_history=False` gives
+RecBole's default). Work is sharded across Accelerate processes: items for the item table, users for
+the scores; the per-user metrics are gathered, so the numbers do not depend on the process count.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from pmmcache.items import ItemStore
+from pmmcache.metrics import full_rank_metrics, summarize
+from pmmcache.model import PMMRec
+
+
+def _shard(n: int, accelerator: Accelerator | None) -> tuple[int, int]:
+    if accelerator is None or accelerator.num_processes == 1:
+        return 0, n
+    per = -(-n // accelerator.num_processes)
+    start = min(n, accelerator.process_index * per)
+    return start, min(n, start + per)
+
+
+@torch.no_grad()
+def item_table(model: PMMRec, store: ItemStore, batch_size: int = 512,
+               accelerator: Accelerator | None = None) -> torch.Tensor:
+    """(N + 1, d) vectors of every item (row 0, padding, is zeros), each item encoded once."""
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    n = store.num_items
+    start, end = _shard(n, accelerator)
+    parts = []
+    for first in range(start + 1, end + 1, batch_size):
+        index = torch.arange(first, min(first + batch_size, end + 1))
+        parts.append(model.encode_items(store.get(index)).vector.float())
+    d = model.config.user_encoder.d_model
+    mine = torch.cat(parts) if parts else torch.zeros(0, d, device=device)
+    return torch.cat([torch.zeros(1, d, device=device), _gather_shards(mine, n, accelerator)])
+
+
+def _gather_shards(mine: torch.Tensor, n: int, accelerator: Accelerator | None) -> torch.Tensor:
+    """Concatenate every process's contiguous shard (see `_shard`) into the full (n, ...) tensor."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return mine
+    per = -(-n // accelerator.num_processes)
+    padded = mine.new_zeros((per,) + tuple(mine.shape[1:]))
+    padded[: len(mine)] = mine
+    return accelerator.gather(padded)[:n]
+
+
+@torch.no_grad()
+def user_vectors(model: PMMRec, table: torch.Tensor, histories: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """(U, d) last-position user states for left-padded `histories` (U, L) of item indices."""
+    out = []
+    for first in range(0, len(histories), batch_size):
+        ids = histories[first:first + batch_size].to(table.device)
+        out.append(model.user_vectors(table[ids], ids == 0).float())
+    return torch.cat(out) if out else torch.zeros(0, table.shape[1], device=table.device)
+
+
+@torch.no_grad()
+def evaluate_splits(model: PMMRec, store: ItemStore, dataset: Any, splits: tuple[str, ...] = ("valid", "test"),
+                    ks: tuple[int, ...] = (10, 20, 50), max_len: int | None = None, mask_history: bool = True,
+                    accelerator: Accelerator | None = None, item_batch_size: int = 512,
+                    score_batch_size: int = 1024) -> dict[str, dict[str, float]]:
+    """HR@k and NDCG@k per split, full ranking over all items; the item table is built once."""
+    was_training = model.training
+    model.eval()
+    table = item_table(model, store, item_batch_size, accelerator)
+    results: dict[str, dict[str, float]] = {}
+    for split in splits:
+        histories, targets = dataset.split_arrays(split, max_len)
+        histories, targets = torch.from_numpy(histories).long(), torch.from_numpy(targets).long()
+        start, end = _shard(len(targets), accelerator)
+        users = user_vectors(model, table, histories[start:end], score_batch_size)
+        per_user = full_rank_metrics(users, table, targets[start:end].to(table.device),
+                                     histories[start:end].to(table.device), ks=ks,
+                                     batch_size=score_batch_size, mask_history=mask_history)
+        per_user = {name: _gather_shards(values, len(targets), accelerator) for name, values in per_user.items()}
+        results[split] = summarize(per_user)
+        results[split]["users"] = len(targets)
+    model.train(was_training)
+    return results
+
+
+def random_ranking_hr(num_items: int, k: int = 10) -> float:
+    """Expected HR@k of a uniformly random ranking over the catalogue (history not masked)."""
+    return min(1.0, k / num_items)
+
+
+def format_table(results: dict[str, dict[str, float]], ks: tuple[int, ...] = (10, 20, 50)) -> str:
+    names = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")]
+    lines = [f"{'split':<8}" + "".join(f"{n:>10}" for n in names)]
+    for split, metrics in results.items():
+        lines.append(f"{split:<8}" + "".join(f"{metrics.get(n, float('nan')):>10.4f}" for n in names))
+    return "\n".join(lines)
+
+
+def run_cli(run_dir: Path, dataset: str | None = None, mask_history: bool = True, output: Path | None = None,
+            show: bool = True) -> dict[str, Any]:
+    """`pmmcache eval --full-rank`: a run's best model on valid and test; prints a table, writes JSON."""
+    import json
+
+    from pmmcache.config import from_dict, load_file
+    from pmmcache.errors import PmmcacheError
+    from pmmcache.runtime import use_cpu
+    from pmmcache.train import TrainConfig, setup
+
+    config_path = run_dir / "config.json"
+    if not (run_dir / "best" / "config.json").is_file():
+        raise PmmcacheError(f"{run_dir} has no trained model (best/); train it first with `pmmcache train`")
+    data = load_file(config_path)
+    data.update({"init": str(run_dir), "resume": False, "mask_history": mask_history})
+    if dataset:
+        data["dataset"] = dataset
+    config = from_dict(TrainConfig, data)
+    accelerator = Accelerator(cpu=use_cpu())
+    s = setup(config, accelerator.device)
+    model = s.model.to(accelerator.device)
+    results = evaluate_splits(model, s.store, s.dataset, ("valid", "test"), config.ks, config.max_len,
+                              mask_history, accelerator)
+    record = {"run": str(run_dir), "dataset": config.dataset, "mask_history": mask_history,
+              "items": s.store.num_items, "metrics": results,
+              "random_HR@10": random_ranking_hr(s.store.num_items, 10)}
+    if accelerator.is_main_process:
+        target = output or run_dir / "eval-full-rank.json"
+        target.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if show:
+            print(format_table(results, config.ks))
+            print(f"{s.store.num_items} items, history {'masked' if mask_history else 'not masked'}; wrote {target}")
+    return record

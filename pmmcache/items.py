@@ -1,0 +1,78 @@
+"""Stage 2's view of items: a prepared dataset's item indices mapped onto rows of an extracted cache.
+
+The cache is keyed by item key, so a model trained on `demo/kitchen` reads the cache extracted for
+`demo` (all domains), and items extracted later (new items) are found the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pmmcache import cache as cache_io
+from pmmcache.encoders import TextEncoder, VisionEncoder
+from pmmcache.errors import PmmcacheError
+
+
+def default_cache_dataset(dataset: str) -> str:
+    """`demo/kitchen,demo/garden` -> `demo`: parts of one dataset read that dataset's cache."""
+    bases = {name.strip().split("/")[0] for name in dataset.split(",") if name.strip()}
+    return bases.pop() if len(bases) == 1 else dataset
+
+
+def find_cache(cache_dir: Path, cache_dataset: str, text: TextEncoder | None, vision: VisionEncoder | None) -> Path:
+    from pmmcache.extract import cache_key, cache_path
+
+    key = cache_key(text.spec if text else None, vision.spec if vision else None)
+    path = cache_path(cache_dir, cache_dataset, key)
+    if not path.is_file():
+        raise PmmcacheError(
+            f"no feature cache {path} for these encoders; run `pmmcache extract --dataset {cache_dataset}` "
+            "with the same encoder options first")
+    return path
+
+
+def expected_manifest(text: TextEncoder | None, vision: VisionEncoder | None) -> dict[str, Any]:
+    """What a cache must say about its encoders to feed a model built from `text` and `vision`."""
+    expected: dict[str, Any] = {}
+    for name, encoder in (("text", text), ("image", vision)):
+        if encoder is None:
+            continue
+        described = encoder.describe()
+        expected[name] = {"lower_fingerprint": described["lower_fingerprint"], "n_blocks": encoder.n_blocks,
+                          "split_block": encoder.n_blocks - encoder.spec.top_blocks}
+    return expected
+
+
+class ItemStore:
+    """Cached states by dataset item index (0 = padding), through a key -> cache-row map."""
+
+    def __init__(self, reader: cache_io.CacheReader, dataset_keys: list[str]):
+        self.reader = reader
+        rows_by_key = {key: row for row, key in enumerate(cache_io.read_keys(reader.path)) if key}
+        missing = [key for key in dataset_keys if key not in rows_by_key]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise PmmcacheError(f"{len(missing)} item(s) are not in the cache {reader.path}: {shown}; "
+                                "extract them first (`pmmcache extract`)")
+        rows = np.zeros(len(dataset_keys) + 1, dtype=np.int64)
+        rows[1:] = [rows_by_key[key] for key in dataset_keys]
+        self.rows = torch.from_numpy(rows)  # (N + 1,) dataset index -> cache row; 0 -> 0 (padding row)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.rows) - 1
+
+    def get(self, indices: torch.Tensor, trim_text: bool = True) -> cache_io.ItemStates:
+        """States of dataset items `indices`. `trim_text` drops token columns that are padding for
+        every item of the batch: the cache stores 50 tokens, short titles use far fewer, and masked
+        tokens change no output, so the top blocks and fusion just do less work."""
+        states = self.reader.get(self.rows[indices.cpu()])
+        if trim_text and states.text_mask is not None and states.text_mask.numel():
+            used = states.text_mask.reshape(-1, states.text_mask.shape[-1]).any(0).nonzero()
+            length = int(used[-1]) + 1 if len(used) else 1
+            states.text = states.text[..., :length, :]
+            states.text_mask = states.text_mask[..., :length]
+        return states

@@ -1,0 +1,450 @@
+"""Stage 2: train the top encoder blocks, the fusion block and the user encoder on cached states.
+
+`run(TrainConfig)` is what `pmmcache train` calls. The same code runs on CPU, one GPU, or many GPUs
+under `accelerate launch` (DDP). In-batch negatives stay per process (each process contrasts its own
+32 users' items), as in the released code; the effective batch for the optimizer is the global one.
+
+Run directory `runs/<run>/`:
+    config.json          the resolved TrainConfig (and what the cache and encoders were)
+    metrics.jsonl        one line per epoch: losses, valid metrics, seconds, items/s
+    checkpoints/epoch-N  accelerate state (model safetensors, optimizer, scheduler, RNG) + train state
+    best/                model parts of the best epoch (safetensors) + metrics.json
+    eval.json            final valid/test metrics of the best epoch
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from pmmcache import cache as cache_io
+from pmmcache.config import from_dict, to_dict, to_json
+from pmmcache.corruption import corrupt_sequences
+from pmmcache.data.registry import resolve_dataset
+from pmmcache.encoders import TextEncoder, VisionEncoder
+from pmmcache.errors import ConfigError, PmmcacheError
+from pmmcache.evaluate import evaluate_splits, format_table
+from pmmcache.items import ItemStore, default_cache_dataset, expected_manifest, find_cache
+from pmmcache.model import PMMRec, PMMRecConfig, build_pmmrec
+from pmmcache.model.pmmrec import read_parts_config
+from pmmcache.runtime import use_cpu
+from pmmcache.objectives import dap_loss, masked_mean_pool, nicl_loss, nid_loss, rcl_loss
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Loss weights (0 switches a term off) and their settings. Fine-tuning uses DAP only."""
+
+    dap: float = 1.0
+    nicl: float = 1.0
+    nid: float = 1.0
+    rcl: float = 1.0
+    nicl_variant: Literal["nicl", "icl", "vcl"] = "nicl"  # VCL (eq. 6) / ICL (eq. 7) for ablation
+    nicl_next_in_denominator: bool = False  # False: eq. 8 as printed
+    temperature: float = 1.0  # paper: exp(a.b), i.e. 1
+    logq: bool = False  # released code: subtract log popularity from every DAP logit
+    shuffle_fraction: float = 0.15
+    replace_fraction: float = 0.05
+    rcl_normalize: bool = True
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    """Which encoders the model's top blocks come from; must match the cache's encoders."""
+
+    text_encoder: str | None = None
+    vision_encoder: str | None = None
+    vision_weights: str | None = None
+    top_blocks: int = 2
+    max_text_length: int = 50
+    image_size: int = 224
+    modalities: tuple[str, ...] = ("text", "image")
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: Literal["pretrain", "finetune"] = "pretrain"
+    dataset: str = "demo"  # comma-separated names combine sources (multi-source pre-training)
+    cache_dataset: str | None = None  # which extracted cache to read; default: the dataset's base name
+    data_dir: Path = Path("data")
+    cache_dir: Path = Path("cache")
+    runs_dir: Path = Path("runs")
+    run_name: str | None = None  # default: <stage>-<dataset>
+    init: str | None = None  # a run directory (or its best/ folder) to start from
+    encoders: EncoderChoice = field(default_factory=EncoderChoice)
+    model: PMMRecConfig = field(default_factory=PMMRecConfig)
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    epochs: int = 5
+    batch_size: int = 32  # users per process
+    lr: float = 1e-4
+    weight_decay: float = 0.1  # projections, fusion, user encoder; encoder blocks get 0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 on CUDA, else no
+    max_len: int = 20  # sequence positions fed to the user encoder (history length)
+    select_metric: str = "NDCG@10"
+    patience: int = 3  # epochs without improvement before stopping
+    ks: tuple[int, ...] = (10, 20, 50)
+    mask_history: bool = True
+    storage: Literal["auto", "memmap", "ram", "gpu"] = "auto"
+    max_steps_per_epoch: int = 0  # 0 = the whole epoch
+    seed: int = 42
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ConfigError("epochs must be >= 1 and batch_size >= 2 (in-batch negatives need other users)")
+        if self.select_metric not in {f"{m}@{k}" for k in self.ks for m in ("HR", "NDCG")}:
+            raise ConfigError(f"select_metric {self.select_metric!r} must be HR@k or NDCG@k with k in {self.ks}")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        o = self.objectives
+        if self.stage == "finetune":
+            return {"dap": o.dap}
+        return {name: w for name, w in (("dap", o.dap), ("nicl", o.nicl), ("nid", o.nid), ("rcl", o.rcl)) if w > 0}
+
+
+class TrainingStep(nn.Module):
+    """One forward pass of the objectives; a module so that DDP sees the whole computation."""
+
+    def __init__(self, model: PMMRec, objectives: ObjectiveConfig, weights: dict[str, float],
+                 log_popularity: torch.Tensor | None):
+        super().__init__()
+        self.model = model
+        self.objectives = objectives
+        self.weights = weights
+        self.register_buffer("log_popularity", log_popularity, persistent=False)
+
+    def forward(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates,
+                corrupted_inverse: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """item_ids (B, N) left-padded sequences (inputs + last target); inverse (B, N) positions of
+        their items among the unique items whose `states` are given; corrupted_inverse / labels
+        (B, N - 1) the NID-corrupted inputs, as positions among the unique items, and their labels."""
+        o = self.objectives
+        items = self.model.encode_items(states)  # vectors of the U unique items
+        vectors = items.vector[inverse]  # (B, N, d): N - 1 input items, then the last target
+        padding = item_ids == 0  # (B, N)
+        # The user encoder sees the inputs only, exactly as at evaluation time (its positions count
+        # back from the most recent item, so the target must not be part of its input).
+        inputs, input_padding = vectors[:, :-1], padding[:, :-1]
+        user_states = self.model.encode_users(inputs, input_padding)  # (B, N - 1, d), causal
+        losses = {"dap": dap_loss(user_states, vectors, item_ids, self.log_popularity, o.temperature)}
+        if "nicl" in self.weights:
+            if items.text_cls is None or items.image_cls is None:
+                raise ConfigError("NICL needs both modalities; set objectives.nicl = 0 for a single-modality model")
+            losses["nicl"] = nicl_loss(items.text_cls[inverse], items.image_cls[inverse], item_ids, o.nicl_variant,
+                                       o.temperature, o.nicl_next_in_denominator)
+        if corrupted_inverse is not None:  # NID / RCL on the corrupted inputs (eq. 10, 11)
+            corrupted_states = self.model.encode_users(items.vector[corrupted_inverse], input_padding)
+            if "nid" in self.weights:
+                losses["nid"] = nid_loss(self.model.detect_noise(corrupted_states), labels)
+            if "rcl" in self.weights:
+                keep = ~input_padding
+                losses["rcl"] = rcl_loss(masked_mean_pool(user_states, keep), masked_mean_pool(corrupted_states, keep),
+                                         o.temperature, o.rcl_normalize)
+        return losses
+
+
+@dataclass
+class TrainState:
+    """Progress that checkpoints carry besides weights and optimizer (registered with accelerate)."""
+
+    epoch: int = 0  # epochs completed
+    best_epoch: int = -1
+    best_metric: float = -math.inf
+    bad_epochs: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def epoch_batches(num_users: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    """This process's user batches for one epoch: a seeded permutation, cut into global batches.
+
+    Every process gets the same number of batches; the last global batch wraps around the
+    permutation so no process is left without users.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_users)
+    global_size = batch_size * world
+    steps = max(1, -(-num_users // global_size))
+    order = np.resize(order, steps * global_size)  # wraps around
+    return [order[s * global_size + rank * batch_size: s * global_size + (rank + 1) * batch_size] for s in range(steps)]
+
+
+def load_encoders(choice: EncoderChoice, cache_dataset: str) -> tuple[TextEncoder | None, VisionEncoder | None]:
+    """The encoders whose top blocks the model trains (same defaults as `pmmcache extract`)."""
+    from pmmcache.extract import ExtractConfig, encoder_specs
+
+    extract_config = ExtractConfig(dataset=cache_dataset, **{k: v for k, v in to_dict(choice).items()})
+    text_spec, vision_spec = encoder_specs(extract_config)
+    return (TextEncoder.load(text_spec) if text_spec else None, VisionEncoder.load(vision_spec) if vision_spec else None)
+
+
+@dataclass
+class Setup:
+    """Everything a training or evaluation run needs, resolved from a TrainConfig."""
+
+    config: TrainConfig
+    dataset: Any
+    store: ItemStore
+    model: PMMRec
+    cache_path: Path
+
+
+def resolve_init_dir(init: str, runs_dir: Path) -> Path:
+    """A run name, a run directory or a parts directory -> the directory holding the model parts."""
+    for candidate in (Path(init), Path(runs_dir) / init):
+        if (candidate / "best" / "config.json").is_file():
+            return candidate / "best"
+        if (candidate / "config.json").is_file() and (candidate / "item_tower.safetensors").is_file():
+            return candidate
+    raise PmmcacheError(f"--init {init}: no trained model found (looked for {init}/best/ and {runs_dir}/{init}/best/)")
+
+
+def setup(config: TrainConfig, device: torch.device) -> Setup:
+    dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir))
+    cache_dataset = config.cache_dataset or default_cache_dataset(config.dataset)
+    model_config = config.model
+    if config.init:
+        model_config, _ = read_parts_config(resolve_init_dir(config.init, config.runs_dir))
+        model_config = from_dict(PMMRecConfig, {**to_dict(model_config), "nid_head": config.stage == "pretrain"})
+    wanted = set(model_config.item_tower.modalities)
+    choice = from_dict(EncoderChoice, {**to_dict(config.encoders), "modalities": [m for m in ("text", "image") if m in wanted]})
+    text, vision = load_encoders(choice, cache_dataset)
+    path = find_cache(Path(config.cache_dir), cache_dataset, text, vision)
+    reader = cache_io.CacheReader(path, expected=expected_manifest(text, vision), storage=config.storage, device=device)
+    store = ItemStore(reader, dataset.item_keys())
+    if model_config.user_encoder.max_len < config.max_len + 1:
+        raise ConfigError(f"model.user_encoder.max_len ({model_config.user_encoder.max_len}) must be >= max_len + 1 "
+                          f"({config.max_len + 1}): the training sequence holds the history and the target")
+    model = build_pmmrec(model_config, text, vision)
+    if config.init:
+        model.load_parts(resolve_init_dir(config.init, config.runs_dir), parts=("item_tower", "user_encoder"))
+    return Setup(config=config, dataset=dataset, store=store, model=model, cache_path=path)
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return setting
+
+
+def _run_dir(config: TrainConfig) -> Path:
+    name = config.run_name or f"{config.stage}-{config.dataset.replace('/', '_').replace(',', '+')}"
+    return Path(config.runs_dir) / name
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    metrics: dict[str, dict[str, float]]  # split -> metric -> value, of the best epoch
+    history: list[dict[str, Any]]
+
+
+def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
+    """Train (or resume) a run; returns the best epoch's valid and test metrics."""
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config.mixed_precision), cpu=use_cpu())
+    set_seed(config.seed)
+    run_dir = _run_dir(config)
+    checkpoints = run_dir / "checkpoints"
+    if accelerator.is_main_process:
+        _prepare_run_dir(run_dir, config)
+    accelerator.wait_for_everyone()
+
+    s = setup(config, accelerator.device)
+    model, dataset, store = s.model, s.dataset, s.store
+    weights = config.weights
+    log_pop = None
+    if config.objectives.logq:
+        counts = torch.from_numpy(dataset.train_item_counts()).float()
+        log_pop = torch.log(counts.clamp(min=1.0))
+    groups = model.parameter_groups()
+    optimizer = torch.optim.AdamW([
+        {"params": groups["encoder_blocks"], "weight_decay": 0.0},
+        {"params": groups["heads"], "weight_decay": config.weight_decay},
+    ], lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0)
+    step_module = TrainingStep(model, config.objectives, weights, log_pop)
+    step_module, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if config.resume:
+        latest = _latest_checkpoint(checkpoints)
+        if latest is not None:
+            accelerator.load_state(str(latest))
+            if accelerator.is_main_process and show_progress:
+                print(f"resumed from {latest} (epoch {state.epoch} done)")
+
+    sequences = torch.from_numpy(dataset.train_sequences(config.max_len + 1)).long()  # (U, max_len + 1)
+    history = _read_history(run_dir, state.epoch)
+    needs_corruption = "nid" in weights or "rcl" in weights
+    unwrapped = accelerator.unwrap_model(step_module).model
+    epoch = state.epoch
+    while epoch < config.epochs and state.bad_epochs < config.patience:
+        batches = epoch_batches(len(sequences), config.batch_size, epoch, config.seed,
+                                accelerator.process_index, accelerator.num_processes)
+        if config.max_steps_per_epoch:
+            batches = batches[: config.max_steps_per_epoch]
+        sums: dict[str, float] = {}
+        items_seen = 0
+        start = time.perf_counter()
+        bar = tqdm(batches, desc=f"{config.stage} epoch {epoch + 1}/{config.epochs}", unit="step", dynamic_ncols=True,
+                   disable=not (show_progress and accelerator.is_local_main_process), leave=False)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 7919 + accelerator.process_index)
+        for step, users in enumerate(bar):
+            ids = _trim_padding(sequences[torch.from_numpy(users)])  # (B, N)
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            corrupted_inverse = labels = None
+            if needs_corruption:
+                corrupted, labels = corrupt_sequences(ids[:, :-1], config.objectives.shuffle_fraction,
+                                                      config.objectives.replace_fraction, generator)
+                corrupted_inverse = torch.searchsorted(unique, corrupted).to(accelerator.device)
+                labels = labels.to(accelerator.device)
+            states = store.get(unique)
+            with accelerator.autocast():
+                losses = step_module(ids.to(accelerator.device), inverse.to(accelerator.device), states,
+                                     corrupted_inverse, labels)
+                loss = sum(weights[name] * value for name, value in losses.items())
+            if not torch.isfinite(loss):
+                raise PmmcacheError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopped. "
+                    f"The last good checkpoint is {_latest_checkpoint(checkpoints) or 'none (no epoch finished)'}; "
+                    "try a lower --lr, --grad-clip 1.0, or bf16 instead of fp16")
+            accelerator.backward(loss)
+            if config.grad_clip > 0:
+                accelerator.clip_grad_norm_(step_module.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.item()
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            items_seen += int((ids > 0).sum()) * accelerator.num_processes
+            bar.set_postfix(loss=f"{loss.item():.4f}", items_s=f"{items_seen / (time.perf_counter() - start):.0f}")
+        bar.close()
+        seconds = time.perf_counter() - start
+        metrics = evaluate_splits(unwrapped, store, dataset, ("valid",), config.ks, config.max_len,
+                                  config.mask_history, accelerator)["valid"]
+        epoch += 1
+        state.epoch = epoch
+        record = {"epoch": epoch, **{f"train_{k}": v / max(1, len(batches)) for k, v in sums.items()},
+                  **{f"valid_{k}": v for k, v in metrics.items()}, "seconds": round(seconds, 2),
+                  "items_per_s": round(items_seen / seconds, 1) if seconds > 0 else 0.0}
+        improved = metrics[config.select_metric] > state.best_metric
+        if improved:
+            state.best_metric, state.best_epoch, state.bad_epochs = metrics[config.select_metric], epoch, 0
+        else:
+            state.bad_epochs += 1
+        history.append(record)
+        _save_epoch(accelerator, unwrapped, run_dir, epoch, improved, record, history)
+        if accelerator.is_main_process and show_progress:
+            print(f"epoch {epoch}: loss {record.get('train_loss', float('nan')):.4f}  valid "
+                  f"HR@10 {metrics.get('HR@10', float('nan')):.4f}  NDCG@10 {metrics.get('NDCG@10', float('nan')):.4f}"
+                  f"{'  (best)' if improved else ''}  {seconds:.1f} s")
+    if state.bad_epochs >= config.patience and accelerator.is_main_process and show_progress:
+        print(f"early stop: {config.select_metric} did not improve for {config.patience} epochs")
+
+    # Final numbers come from the best epoch's weights, on valid and test.
+    accelerator.wait_for_everyone()
+    unwrapped.load_parts(run_dir / "best", parts=tuple(p for p in ("item_tower", "user_encoder")))
+    final = evaluate_splits(unwrapped, store, dataset, ("valid", "test"), config.ks, config.max_len,
+                            config.mask_history, accelerator)
+    if accelerator.is_main_process:
+        _write_json(run_dir / "eval.json", {"best_epoch": state.best_epoch, "metrics": final,
+                                            "mask_history": config.mask_history, "dataset": config.dataset})
+        if show_progress:
+            print(format_table(final, config.ks))
+            print(f"best epoch {state.best_epoch}; run directory {run_dir}")
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir=run_dir, best_epoch=state.best_epoch, metrics=final, history=history)
+
+
+def _trim_padding(ids: torch.Tensor) -> torch.Tensor:
+    """Drop leading columns that are padding in every row (left-padded batches of short users)."""
+    real = (ids > 0).any(0).nonzero()
+    first = int(real[0]) if len(real) else ids.shape[1] - 2
+    return ids[:, min(first, ids.shape[1] - 2):]
+
+
+def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
+    config_path = run_dir / "config.json"
+    if config.resume:
+        if not config_path.is_file():
+            raise PmmcacheError(f"--resume: no run at {run_dir} (no config.json)")
+        saved = json.loads(config_path.read_text())
+        current = {**to_dict(config), "resume": saved.get("resume")}
+        if {k: v for k, v in saved.items() if k != "resume"} != {k: v for k, v in current.items() if k != "resume"}:
+            raise PmmcacheError(f"--resume: {config_path} was made with other settings; resume with the same options "
+                                "or start a new run (--run-name)")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise PmmcacheError(f"run directory {run_dir} already exists; pass --resume to continue it, "
+                            "or choose another --run-name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = config_path.with_name("config.json.tmp")
+    tmp.write_text(to_json(config) + "\n")
+    os.replace(tmp, config_path)
+
+
+def _latest_checkpoint(checkpoints: Path) -> Path | None:
+    done = sorted(p for p in checkpoints.glob("epoch-*") if (p / "COMPLETE").is_file())
+    return done[-1] if done else None
+
+
+def _read_history(run_dir: Path, epochs_done: int) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["epoch"] <= epochs_done]
+
+
+def _save_epoch(accelerator: Accelerator, model: PMMRec, run_dir: Path, epoch: int, improved: bool,
+                record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """Checkpoint the epoch (state for --resume; parts for best/), then drop older checkpoints."""
+    checkpoints = run_dir / "checkpoints"
+    target = checkpoints / f"epoch-{epoch:04d}"
+    accelerator.save_state(str(target), safe_serialization=True)
+    if accelerator.is_main_process:
+        if improved:
+            tmp_best = run_dir / "best.tmp"
+            shutil.rmtree(tmp_best, ignore_errors=True)
+            model.save_parts(tmp_best)
+            _write_json(tmp_best / "metrics.json", record)
+            shutil.rmtree(run_dir / "best", ignore_errors=True)
+            os.replace(tmp_best, run_dir / "best")
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
+        tmp = run_dir / "metrics.jsonl.tmp"
+        tmp.write_text(lines)
+        os.replace(tmp, run_dir / "metrics.jsonl")
+        (target / "COMPLETE").write_text(str(epoch))  # written last: a checkpoint without it is ignored
+        for old in checkpoints.glob("epoch-*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()

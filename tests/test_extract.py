@@ -1,0 +1,535 @@
+"""Stage 1 (`pmmcache extract`): the cache holds exactly the lower-block states, resumes, refuses stale
+settings, reports bad items, handles one-modality data, runs under `accelerate launch`, and the CLI
+fails fast on a missing model."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pmmcache import cache as cache_io
+from pmmcache.data.registry import resolve_dataset
+from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, VisionEncoderSpec
+from pmmcache.errors import CacheMismatchError, DataError, PmmcacheError
+from pmmcache.extract import ExtractConfig, run
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import save_tiny_bert, save_tiny_hf_clip_vision  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "toy"
+NUM_ITEMS = 40
+NUM_USERS = 40
+MAX_LEN = 16  # text tokens per item
+IMAGE_SIZE = 64  # tiny ViT, patch 32: 4 patches + CLS
+K = 2  # top blocks of the 4-block tiny encoders
+WORDS = "red blue green big small new old best".split()
+THINGS = "cat dog movie song game film story video".split()
+
+
+# ------------------------------------------------------------------------------- dataset and encoders
+
+
+def title(i: int) -> str:
+    return f"the {WORDS[i % 8]} {THINGS[(i // 8) % 8]} {i}"
+
+
+def sequence(user: int) -> list[str]:
+    """8 distinct items per user; every item occurs 8 times overall, so the default 5-core keeps all."""
+    return [f"i{(user + 5 * j) % NUM_ITEMS}" for j in range(8)]
+
+
+def write_image(path: Path, i: int) -> None:
+    colour = (i * 6 % 256, (100 + 37 * i) % 256, (200 - 4 * i) % 256)
+    image = Image.new("RGB", (40 + i % 3 * 8, 30 + i % 2 * 20), colour)
+    image.paste((255 - colour[0], 40, 90), (5, 5, 20, 15))  # some structure, so patches differ
+    image.save(path, quality=95) if path.suffix == ".jpg" else image.save(path)
+
+
+def make_toy(data_dir: Path, *, texts: bool = True, images: bool = True) -> Path:
+    """The PMMRec layout in `data_dir/toy/`: users tsv, items tsv, one image file per item (png/jpg)."""
+    root = data_dir / NAME
+    root.mkdir(parents=True)
+    with open(root / f"{NAME}_users.tsv", "w") as f:
+        for user in range(NUM_USERS):
+            f.write(f"u{user}\t{' '.join(sequence(user))}\n")
+    if texts:
+        with open(root / f"{NAME}_items_texts.tsv", "w") as f:
+            for i in range(NUM_ITEMS):
+                f.write(f"i{i}\t{title(i)}\n")
+    if images:
+        (root / f"{NAME}_images").mkdir()
+        for i in range(NUM_ITEMS):
+            write_image(image_path(data_dir, i), i)
+    return root
+
+
+def image_path(data_dir: Path, i: int) -> Path:
+    return data_dir / NAME / f"{NAME}_images" / f"i{i}.{'jpg' if i % 2 else 'png'}"
+
+
+def rewrite_line(path: Path, number: int, text: str) -> None:
+    """Replace line `number` (1-based) of a text file."""
+    lines = path.read_text().splitlines()
+    lines[number - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    return save_tiny_bert(tmp_path_factory.mktemp("models") / "bert")
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    """A read-only shared data dir; tests that change data copy it first."""
+    data_dir = tmp_path_factory.mktemp("data")
+    make_toy(data_dir)
+    return data_dir
+
+
+def toy_config(data_dir: Path, cache_dir: Path, bert_dir: Path, **overrides) -> ExtractConfig:
+    settings = dict(dataset=NAME, data_dir=data_dir, cache_dir=cache_dir, text_encoder=str(bert_dir),
+                    vision_encoder="pmmcache-tiny-vit", vision_weights="random", top_blocks=K,
+                    max_text_length=MAX_LEN, image_size=IMAGE_SIZE, batch_size=8, num_workers=0, device="cpu")
+    settings.update(overrides)
+    return ExtractConfig(**settings)
+
+
+def cli_args(data_dir: Path, cache_dir: Path, bert_dir: Path, batch_size: int = 8) -> list[str]:
+    return ["extract", "--dataset", NAME, "--data-dir", str(data_dir), "--cache-dir", str(cache_dir),
+            "--text-encoder", str(bert_dir), "--vision-encoder", "pmmcache-tiny-vit", "--vision-weights", "random",
+            "-k", str(K), "--max-text-length", str(MAX_LEN), "--image-size", str(IMAGE_SIZE),
+            "--batch-size", str(batch_size), "--num-workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def baseline(toy_data, bert_dir, tmp_path_factory):
+    """One uninterrupted extraction of the clean toy data (with DataLoader worker processes)."""
+    cache_dir = tmp_path_factory.mktemp("baseline-cache")
+    return run(toy_config(toy_data, cache_dir, bert_dir, num_workers=2), show_progress=False)
+
+
+def all_rows(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        names = [n for n in ("text/states", "text/mask", "image/states", "modality", "flags", "done") if n in f]
+        return {name: f[name][:] for name in names}
+
+
+def assert_same_states(path: Path, reference: Path, atol: float = 1e-3) -> None:
+    """Same keys and per-row arrays (states up to fp16 rounding of differently batched float32 compute)."""
+    assert cache_io.read_keys(path) == cache_io.read_keys(reference)
+    got, want = all_rows(path), all_rows(reference)
+    assert got.keys() == want.keys()
+    for name in got:
+        if name.endswith("states"):
+            np.testing.assert_allclose(got[name].astype(np.float32), want[name].astype(np.float32), atol=atol, rtol=1e-3)
+        else:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------- 1. round trip
+
+
+def test_cache_holds_the_lower_block_states_of_every_item_in_dataset_order(baseline, toy_data, bert_dir):
+    assert baseline.items == NUM_ITEMS and not baseline.already_complete and baseline.problems == {}
+    reader = cache_io.CacheReader(baseline.path, storage="memmap")
+    assert reader.num_rows == NUM_ITEMS + 1 and reader.has_text and reader.has_image
+    keys = [f"{NAME}/i{i}" for i in range(NUM_ITEMS)]  # items-file order
+    assert cache_io.read_keys(baseline.path) == [""] + keys
+
+    text = TextEncoder.load(TextEncoderSpec(name=str(bert_dir), top_blocks=K, max_length=MAX_LEN)).eval()
+    vision = VisionEncoder.load(VisionEncoderSpec(name="pmmcache-tiny-vit", weights="random", top_blocks=K,
+                                                  image_size=IMAGE_SIZE, seed=0)).eval()
+    tokens = text.tokenize([title(i) for i in range(NUM_ITEMS)])
+    images = [Image.open(image_path(toy_data, i)).convert("RGB") for i in range(NUM_ITEMS)]
+    with torch.no_grad():
+        text_states = text.lower(tokens["input_ids"], tokens["attention_mask"])  # (N, L, d)
+        image_states = vision.lower(vision.preprocess(images))  # (N, P, d)
+
+    rows = torch.arange(1, NUM_ITEMS + 1).flip(0)  # any order: the reader returns rows as asked
+    cached = reader.get(rows)
+    order = rows - 1
+    assert cached.text.dtype == torch.float16 and cached.text.shape == (NUM_ITEMS, MAX_LEN, 32)
+    assert cached.image.shape == (NUM_ITEMS, vision.num_tokens, 64) and vision.num_tokens == 5
+    torch.testing.assert_close(cached.text.float(), text_states[order], atol=1e-3, rtol=2e-3)
+    torch.testing.assert_close(cached.image.float(), image_states[order], atol=1e-3, rtol=2e-3)
+    assert torch.equal(cached.text_mask, tokens["attention_mask"][order].bool())
+    assert cached.modality.all()
+    assert float(cached.text.float().abs().mean()) > 0.1  # real states, not zeros
+
+    padding = reader.get(torch.tensor([0]))
+    assert not padding.text.any() and not padding.image.any() and not padding.text_mask.any()
+    assert not padding.modality.any()
+    with h5py.File(baseline.path, "r") as f:
+        assert not f["flags"][:].any() and f["done"][:].all() and f["complete"][0] == 1
+
+    manifest = reader.manifest
+    assert manifest["format_version"] == cache_io.FORMAT_VERSION
+    assert manifest["storage_dtype"] == "float16" and manifest["compute_dtype"] == "float32"
+    dataset = resolve_dataset(NAME, toy_data, baseline.path.parent.parent)
+    assert manifest["dataset"] == {"name": NAME, "fingerprint": dataset.fingerprint, "num_items": NUM_ITEMS}
+    assert manifest["text"]["spec"] == {"name": str(bert_dir), "top_blocks": K, "max_length": MAX_LEN}
+    assert manifest["text"]["lower_fingerprint"] == text.lower_fingerprint()
+    assert manifest["text"]["split_block"] == 4 - K and manifest["text"]["model_type"] == "bert"
+    assert manifest["image"]["spec"]["name"] == "pmmcache-tiny-vit" and manifest["image"]["spec"]["weights"] == "random"
+    assert manifest["image"]["lower_fingerprint"] == vision.lower_fingerprint()
+    assert manifest["image"]["split_block"] == 4 - K and manifest["image"]["num_tokens"] == 5
+    assert manifest["image"]["preprocessing"] == vision.preprocessing_description()
+    assert manifest["image"]["preprocessing"]["size"] == IMAGE_SIZE
+    assert manifest["extract"]["max_text_length"] == MAX_LEN
+    report = json.loads(baseline.path.with_suffix(".report.json").read_text())
+    assert report["items"] == NUM_ITEMS and report["item_problems"] == {}
+
+
+# ------------------------------------------------------------------------------- 2. rerun
+
+
+def test_rerun_of_a_complete_cache_does_nothing(baseline, toy_data, bert_dir, monkeypatch):
+    before = file_digest(baseline.path)
+    mtime = baseline.path.stat().st_mtime_ns
+
+    def refuse(self, rows, arrays):
+        raise AssertionError("a complete cache was written to")
+
+    monkeypatch.setattr(cache_io.CacheWriter, "write", refuse)
+    result = run(toy_config(toy_data, baseline.path.parent.parent, bert_dir), show_progress=False)
+    assert result.already_complete and result.items == 0 and result.path == baseline.path
+    assert file_digest(baseline.path) == before and baseline.path.stat().st_mtime_ns == mtime
+
+
+# ------------------------------------------------------------------------------- 3. resume
+
+
+SLOW_CHILD = """
+import sys, time
+import pmmcache.cache as cache_io
+
+original = cache_io.CacheWriter.write
+
+def slow_write(self, rows, arrays):
+    original(self, rows, arrays)
+    time.sleep(0.2)  # leaves time to interrupt between batches
+
+cache_io.CacheWriter.write = slow_write
+from pmmcache.cli import main
+main(sys.argv[1:])
+"""
+
+
+def done_rows(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    writer = cache_io.CacheWriter(path)
+    try:
+        return int(len(writer.maps["done"]) - len(writer.pending_rows()))
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_interrupted_extraction_resumes_without_redoing_rows(sig, baseline, toy_data, bert_dir, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    path = cache_dir / NAME / baseline.path.name
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, *cli_args(toy_data, cache_dir, bert_dir, batch_size=4)],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 60
+    try:
+        while done_rows(path) < 8:  # two batches of 4 written; 41 rows need 11
+            assert child.poll() is None, f"extraction ended before it was interrupted:\n{child.communicate()[1]}"
+            assert time.monotonic() < deadline, "extraction did not start writing within 60 s"
+            time.sleep(0.02)
+        child.send_signal(sig)
+        _, stderr = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    if sig == signal.SIGINT:
+        assert child.returncode == 130 and "rerun the same command to resume" in stderr
+    else:
+        assert child.returncode == -signal.SIGKILL
+
+    assert not cache_io.is_complete(path)
+    with pytest.raises(PmmcacheError, match="incomplete"):
+        cache_io.CacheReader(path)
+    writer = cache_io.CacheWriter(path)
+    pending = writer.pending_rows()
+    writer.close()
+    assert 0 < len(pending) <= NUM_ITEMS + 1 - 8
+
+    written: list[int] = []
+    original = cache_io.CacheWriter.write
+
+    def spy(self, rows, arrays):
+        written.extend(int(r) for r in rows)
+        original(self, rows, arrays)
+
+    monkeypatch.setattr(cache_io.CacheWriter, "write", spy)
+    result = run(toy_config(toy_data, cache_dir, bert_dir), show_progress=False)
+    assert result.path == path and not result.already_complete
+    assert result.items == int((pending > 0).sum())
+    assert sorted(written) == pending.tolist()  # nothing that was done is encoded again
+    assert cache_io.CacheReader(path).num_rows == NUM_ITEMS + 1
+    assert_same_states(path, baseline.path)
+
+
+# ------------------------------------------------------------------------------- 4. mismatch
+
+
+def test_changed_title_or_text_weights_are_refused_until_forced(baseline, toy_data, bert_dir, tmp_path):
+    data_dir, cache_dir = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(toy_data, data_dir)
+    model_dir = shutil.copytree(bert_dir, tmp_path / "bert")
+    first = run(toy_config(data_dir, cache_dir, model_dir), show_progress=False)
+    assert_same_states(first.path, baseline.path)
+
+    rewrite_line(data_dir / NAME / f"{NAME}_items_texts.tsv", 4, "i3\tthe old cat story, edited")
+    with pytest.raises(CacheMismatchError, match="--force") as err:
+        run(toy_config(data_dir, cache_dir, model_dir), show_progress=False)
+    assert "dataset.fingerprint" in str(err.value) and "lower_fingerprint" not in str(err.value)
+    assert cache_io.is_complete(first.path)  # the refused cache is left as it was
+
+    rebuilt = run(toy_config(data_dir, cache_dir, model_dir, force=True), show_progress=False)
+    assert rebuilt.path == first.path and rebuilt.items == NUM_ITEMS
+    new_fingerprint = resolve_dataset(NAME, data_dir, cache_dir).fingerprint
+    reader = cache_io.CacheReader(rebuilt.path, expected={"dataset": {"fingerprint": new_fingerprint}})
+    old = cache_io.CacheReader(baseline.path).get(torch.arange(NUM_ITEMS + 1))
+    new = reader.get(torch.arange(NUM_ITEMS + 1))
+    changed = (new.text.float() - old.text.float()).abs().amax(dim=(1, 2)) > 1e-2  # (N+1,)
+    assert changed.nonzero().flatten().tolist() == [4]  # only item i3 (row 4) has a new text
+    torch.testing.assert_close(new.image, old.image, atol=1e-3, rtol=1e-3)
+
+    save_tiny_bert(model_dir, seed=1)  # other weights at the same path
+    with pytest.raises(CacheMismatchError, match="--force") as err:
+        run(toy_config(data_dir, cache_dir, model_dir), show_progress=False)
+    assert "text.lower_fingerprint" in str(err.value) and "dataset.fingerprint" not in str(err.value)
+    forced = run(toy_config(data_dir, cache_dir, model_dir, force=True), show_progress=False)
+    assert forced.items == NUM_ITEMS
+    other = cache_io.CacheReader(forced.path).get(torch.arange(1, NUM_ITEMS + 1))
+    assert (other.text.float() - new.text[1:].float()).abs().max() > 0.1
+
+
+def test_reader_refuses_a_differing_expected_manifest(baseline):
+    fingerprint = cache_io.read_manifest(baseline.path)["dataset"]["fingerprint"]
+    cache_io.CacheReader(baseline.path, expected={"dataset": {"fingerprint": fingerprint},
+                                                 "text": {"spec": {"max_length": MAX_LEN}}})
+    with pytest.raises(CacheMismatchError, match=r"text\.spec\.max_length"):
+        cache_io.CacheReader(baseline.path, expected={"text": {"spec": {"max_length": MAX_LEN + 1}}})
+    with pytest.raises(CacheMismatchError, match=r"dataset\.fingerprint"):
+        cache_io.CacheReader(baseline.path, expected={"dataset": {"fingerprint": "0" * 64}})
+
+
+# ------------------------------------------------------------------------------- 5. bad items
+
+
+def test_bad_items_are_flagged_reported_and_the_run_completes(toy_data, bert_dir, tmp_path, capsys):
+    data_dir, cache_dir = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(toy_data, data_dir)
+    root = data_dir / NAME
+    image_path(data_dir, 2).unlink()  # i2: missing image
+    image_path(data_dir, 3).write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")  # i3: unreadable image
+    texts = root / f"{NAME}_items_texts.tsv"
+    rewrite_line(texts, 5, "i4\t   ")  # i4: empty text
+    long_title = " ".join(["the best old movie about love and war"] * 4)  # > MAX_LEN tokens
+    rewrite_line(texts, 6, f"i5\t{long_title}")  # i5: over-long text
+    rewrite_line(root / f"{NAME}_users.tsv", 1, f"u0\t{' '.join(sequence(0))} ghost")  # unknown item
+
+    result = run(toy_config(data_dir, cache_dir, bert_dir), show_progress=False)
+    assert result.items == NUM_ITEMS
+    assert result.problems == {"missing image": 1, "unreadable image": 1, "empty text": 1,
+                               "over-long text (truncated)": 1}
+    assert "warning: 1 item(s) with unreadable image: toy/i3" in capsys.readouterr().out
+
+    report = json.loads(result.path.with_suffix(".report.json").read_text())
+    assert report["item_problems"] == {"missing image": ["toy/i2"], "unreadable image": ["toy/i3"],
+                                       "empty text": ["toy/i4"], "over-long text (truncated)": ["toy/i5"]}
+    problems = report["dataset_report"]["sources"][NAME]["problems"]
+    assert problems["counts"] == {"unknown_item": 1} and problems["examples"][0]["item"] == "ghost"
+    assert problems["examples"][0]["line"] == 1
+
+    reader = cache_io.CacheReader(result.path)
+    states = reader.get(torch.arange(NUM_ITEMS + 1))
+    expected_modality = np.ones((NUM_ITEMS + 1, 2), dtype=bool)
+    expected_modality[0] = False
+    expected_modality[3, 1] = expected_modality[4, 1] = False  # rows = item + 1
+    expected_modality[5, 0] = False
+    np.testing.assert_array_equal(states.modality.numpy(), expected_modality)
+    with h5py.File(result.path, "r") as f:
+        flags = f["flags"][:]
+    expected_flags = np.zeros(NUM_ITEMS + 1, np.uint8)
+    expected_flags[3] = cache_io.FLAG_IMAGE_MISSING
+    expected_flags[4] = cache_io.FLAG_IMAGE_UNREADABLE
+    expected_flags[5] = cache_io.FLAG_TEXT_EMPTY
+    expected_flags[6] = cache_io.FLAG_TEXT_TRUNCATED
+    np.testing.assert_array_equal(flags, expected_flags)
+    assert states.text_mask[6].all()  # truncated text fills the whole budget and stays usable
+
+
+@pytest.mark.parametrize("which", ["users", "items_texts"])
+def test_malformed_file_fails_fast_naming_file_and_line_and_leaves_the_cache(which, toy_data, bert_dir, tmp_path):
+    data_dir, cache_dir = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(toy_data, data_dir)
+    first = run(toy_config(data_dir, cache_dir, bert_dir), show_progress=False)
+    digest = file_digest(first.path)
+
+    bad = data_dir / NAME / f"{NAME}_{which}.tsv"
+    rewrite_line(bad, 7, "x7\tone\tcolumn too many")
+    with pytest.raises(DataError, match="line 7: expected 2 tab-separated columns") as err:
+        run(toy_config(data_dir, cache_dir, bert_dir, force=True), show_progress=False)
+    assert err.value.path == bad and err.value.line == 7 and bad.name in str(err.value)
+    assert file_digest(first.path) == digest
+    assert cache_io.CacheReader(first.path).num_rows == NUM_ITEMS + 1
+
+
+# ------------------------------------------------------------------------------- 6. one modality
+
+
+def test_text_only_dataset_has_no_image_states(bert_dir, tmp_path):
+    make_toy(tmp_path / "data", images=False)
+    result = run(toy_config(tmp_path / "data", tmp_path / "cache", bert_dir), show_progress=False)
+    assert result.items == NUM_ITEMS and result.path.name.startswith("text-") and "image" not in result.path.name
+    reader = cache_io.CacheReader(result.path)
+    assert reader.has_text and not reader.has_image and reader.manifest["image"] is None
+    states = reader.get(torch.tensor([1, 2]))
+    assert states.image is None and states.modality[:, 0].all() and not states.modality[:, 1].any()
+
+
+def test_image_only_dataset_has_no_text_states(tmp_path):
+    make_toy(tmp_path / "data", texts=False)
+    clip_dir = save_tiny_hf_clip_vision(tmp_path / "clip", image_size=IMAGE_SIZE)  # its own weights ("openai")
+    config = ExtractConfig(dataset=NAME, data_dir=tmp_path / "data", cache_dir=tmp_path / "cache",
+                           vision_encoder=str(clip_dir), image_size=IMAGE_SIZE, batch_size=16, num_workers=0,
+                           device="cpu")
+    result = run(config, show_progress=False)
+    assert result.items == NUM_ITEMS and not result.path.name.startswith("text")
+    reader = cache_io.CacheReader(result.path)
+    assert reader.has_image and not reader.has_text and reader.manifest["text"] is None
+    assert reader.manifest["image"]["library"] == "transformers" and reader.manifest["image"]["pretrained"]
+    states = reader.get(torch.arange(1, NUM_ITEMS + 1))
+    assert states.text is None and states.text_mask is None
+    assert states.image.shape == (NUM_ITEMS, 17, 32)  # 16 patches + CLS
+    assert states.modality[:, 1].all() and not states.modality[:, 0].any()
+    # image-only catalogues are ordered by image key: i0, i1, i10, i11, ...
+    assert cache_io.read_keys(result.path)[1:] == sorted(f"{NAME}/i{i}" for i in range(NUM_ITEMS))
+
+
+# ------------------------------------------------------------------------------- 7. several processes
+
+
+SPY_MODULE = """
+import os, runpy, time
+import pmmcache.cache as cache_io
+
+original = cache_io.CacheWriter.write
+
+def logged_write(self, rows, arrays):
+    with open(os.path.join(os.environ["SPY_LOG_DIR"], f"rank{os.environ['RANK']}.txt"), "a") as log:
+        log.write(" ".join(str(int(r)) for r in rows) + "\\n")
+    original(self, rows, arrays)
+
+original_pending = cache_io.CacheWriter.pending_rows
+
+def late_pending_rows(self):
+    if os.environ["RANK"] == "1":  # the other process may already be writing: the split must not change
+        time.sleep(1.0)
+    return original_pending(self)
+
+cache_io.CacheWriter.write = logged_write
+cache_io.CacheWriter.pending_rows = late_pending_rows
+runpy.run_module("pmmcache", run_name="__main__", alter_sys=True)  # exactly `python -m pmmcache`
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_under_accelerate_launch_write_one_cache(baseline, toy_data, bert_dir, tmp_path):
+    spy_dir, logs, cache_dir = tmp_path / "spy", tmp_path / "logs", tmp_path / "cache"
+    spy_dir.mkdir()
+    logs.mkdir()
+    (spy_dir / "spy_extract.py").write_text(SPY_MODULE)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SPY_LOG_DIR": str(logs), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(spy_dir), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    # accelerate 1.15: `--cpu --num_processes 2` starts ONE process unless MPI is set up; `--multi_gpu` starts
+    # two through torchrun, and `--device cpu` makes them form a gloo group (no GPU needed).
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "spy_extract",
+               *cli_args(toy_data, cache_dir, bert_dir, batch_size=4)]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"extracted {NUM_ITEMS} items" in done.stdout
+
+    path = cache_dir / NAME / baseline.path.name
+    assert cache_io.is_complete(path)
+    assert_same_states(path, baseline.path)
+    by_rank = {log.name: [int(r) for r in log.read_text().split()] for log in logs.iterdir()}
+    assert sorted(by_rank) == ["rank0.txt", "rank1.txt"] and all(by_rank.values())
+    rows = by_rank["rank0.txt"] + by_rank["rank1.txt"]
+    assert sorted(rows) == list(range(NUM_ITEMS + 1))  # each row written once, by one process
+    assert sorted(p.name for p in path.parent.iterdir() if p.suffix == ".h5") == [path.name]  # no temp files left
+
+
+# ------------------------------------------------------------------------------- 8. CLI
+
+
+def test_cli_help_explains_the_options():
+    done = subprocess.run([sys.executable, "-m", "pmmcache", "extract", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    for option in ("--dataset", "--text-encoder", "--vision-encoder", "--vision-weights", "--top-blocks",
+                   "--max-text-length", "--image-size", "--batch-size", "--force", "accelerate launch", "Resumable"):
+        assert option in done.stdout, option
+
+
+def test_cli_default_text_model_missing_offline_fails_fast_naming_the_option(toy_data, tmp_path):
+    """`--dataset toy` defaults to xlm-roberta-base, which is not in the HF cache: a clear error, no hub retries."""
+    args = ["extract", "--dataset", NAME, "--data-dir", str(toy_data), "--cache-dir", str(tmp_path / "cache"),
+            "--vision-weights", "random"]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}  # the CLI must go offline by itself
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pmmcache", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=env)
+    seconds = time.monotonic() - start
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert "'xlm-roberta-base' is not available offline" in done.stderr and "--text-encoder PATH" in done.stderr
+    assert seconds < 30, f"took {seconds:.0f} s: a hub retry loop?"  # hub retries alone take ~46 s
+    assert not list((tmp_path / "cache").glob(f"{NAME}/*.h5"))
+
+
+def test_cli_absent_text_model_dir_is_a_one_line_error(toy_data, tmp_path):
+    from click.testing import CliRunner
+
+    from pmmcache.cli import main
+
+    absent = tmp_path / "no-such-model"
+    result = CliRunner().invoke(main, ["extract", "--dataset", NAME, "--data-dir", str(toy_data), "--cache-dir",
+                                       str(tmp_path / "cache"), "--text-encoder", str(absent)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (f"error: text encoder dir {absent} does not exist; "
+                                     "pass --text-encoder PATH to a transformers model dir")
