@@ -39,7 +39,10 @@ def set_dotted(data: dict[str, Any], setting: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {setting!r}: {part!r} is not a table of settings")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # YAML 1.1 reads no/yes/on/off as booleans; settings like mixed_precision=no mean the word
+    node[parts[-1]] = value
 
 
 class FriendlyGroup(click.Group):

@@ -23,15 +23,23 @@ def default_cache_dataset(dataset: str) -> str:
 
 
 def find_cache(cache_dir: Path, cache_dataset: str, text: TextEncoder | None, vision: VisionEncoder | None) -> Path:
+    """The cache file for these encoders: the one named by their key, else any cache of the dataset
+    whose manifest matches them (e.g. a text-only model reads the text part of a text+image cache)."""
     from pmmcache.extract import cache_key, cache_path
 
-    key = cache_key(text.spec if text else None, vision.spec if vision else None)
-    path = cache_path(cache_dir, cache_dataset, key)
-    if not path.is_file():
-        raise PmmcacheError(
-            f"no feature cache {path} for these encoders; run `pmmcache extract --dataset {cache_dataset}` "
-            "with the same encoder options first")
-    return path
+    path = cache_path(cache_dir, cache_dataset, cache_key(text.spec if text else None, vision.spec if vision else None))
+    if path.is_file():
+        return path
+    expected = expected_manifest(text, vision)
+    for candidate in sorted(path.parent.glob("*.h5")):
+        try:
+            if not cache_io.manifest_differences(cache_io.read_manifest(candidate), expected):
+                return candidate
+        except PmmcacheError:
+            continue  # unreadable or other format version: not a candidate
+    raise PmmcacheError(
+        f"no feature cache {path} for these encoders; run `pmmcache extract --dataset {cache_dataset}` "
+        "with the same encoder options first")
 
 
 def expected_manifest(text: TextEncoder | None, vision: VisionEncoder | None) -> dict[str, Any]:

@@ -90,6 +90,7 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 32  # users per process
     lr: float = 1e-4
+    encoder_lr: float = 0.0  # learning rate of the top encoder blocks; 0 = lr (paper: one lr for all)
     weight_decay: float = 0.1  # projections, fusion, user encoder; encoder blocks get 0
     warmup_steps: int = 0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
@@ -218,13 +219,24 @@ def resolve_init_dir(init: str, runs_dir: Path) -> Path:
     raise PmmcacheError(f"--init {init}: no trained model found (looked for {init}/best/ and {runs_dir}/{init}/best/)")
 
 
+def with_init_model(config: TrainConfig) -> TrainConfig:
+    """With `init`, the architecture is the init run's (so its weights fit); say so in the config."""
+    if not config.init:
+        return config
+    init_config, _ = read_parts_config(resolve_init_dir(config.init, config.runs_dir))
+    model = {**to_dict(init_config), "nid_head": config.stage == "pretrain"}
+    asked = {**to_dict(config.model), "nid_head": model["nid_head"]}
+    if config.model != PMMRecConfig() and asked != model:
+        raise ConfigError(f"--init {config.init} fixes the model architecture; drop the model.* settings "
+                          "(they differ from the init run's)")
+    return from_dict(TrainConfig, {**to_dict(config), "model": model})
+
+
 def setup(config: TrainConfig, device: torch.device) -> Setup:
+    config = with_init_model(config)
     dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir))
     cache_dataset = config.cache_dataset or default_cache_dataset(config.dataset)
     model_config = config.model
-    if config.init:
-        model_config, _ = read_parts_config(resolve_init_dir(config.init, config.runs_dir))
-        model_config = from_dict(PMMRecConfig, {**to_dict(model_config), "nid_head": config.stage == "pretrain"})
     wanted = set(model_config.item_tower.modalities)
     choice = from_dict(EncoderChoice, {**to_dict(config.encoders), "modalities": [m for m in ("text", "image") if m in wanted]})
     text, vision = load_encoders(choice, cache_dataset)
@@ -269,6 +281,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     """Train (or resume) a run; returns the best epoch's valid and test metrics."""
     accelerator = Accelerator(mixed_precision=_mixed_precision(config.mixed_precision), cpu=use_cpu())
     set_seed(config.seed)
+    config = with_init_model(config)
     run_dir = _run_dir(config)
     checkpoints = run_dir / "checkpoints"
     if accelerator.is_main_process:
@@ -284,7 +297,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         log_pop = torch.log(counts.clamp(min=1.0))
     groups = model.parameter_groups()
     optimizer = torch.optim.AdamW([
-        {"params": groups["encoder_blocks"], "weight_decay": 0.0},
+        {"params": groups["encoder_blocks"], "weight_decay": 0.0, "lr": config.encoder_lr or config.lr},
         {"params": groups["heads"], "weight_decay": config.weight_decay},
     ], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -392,16 +405,27 @@ def _trim_padding(ids: torch.Tensor) -> torch.Tensor:
     return ids[:, min(first, ids.shape[1] - 2):]
 
 
+# Settings a resumed run may change: how long it goes on, not what it trains.
+RESUMABLE_CHANGES = ("epochs", "patience", "resume")
+
+
 def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
     config_path = run_dir / "config.json"
     if config.resume:
         if not config_path.is_file():
             raise PmmcacheError(f"--resume: no run at {run_dir} (no config.json)")
         saved = json.loads(config_path.read_text())
-        current = {**to_dict(config), "resume": saved.get("resume")}
-        if {k: v for k, v in saved.items() if k != "resume"} != {k: v for k, v in current.items() if k != "resume"}:
-            raise PmmcacheError(f"--resume: {config_path} was made with other settings; resume with the same options "
-                                "or start a new run (--run-name)")
+        current = to_dict(config)
+        changed = sorted(k for k in saved.keys() | current.keys()
+                         if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+        if changed:
+            raise PmmcacheError(f"--resume: {config_path} was made with other settings ({', '.join(changed)} differ); "
+                                "resume with the same options or start a new run (--run-name)")
+        extended = {k: current[k] for k in RESUMABLE_CHANGES if k != "resume" and saved.get(k) != current[k]}
+        if extended:  # e.g. more epochs: config.json keeps saying how the run is being trained
+            tmp = config_path.with_name("config.json.tmp")
+            tmp.write_text(json.dumps({**saved, **extended}, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, config_path)
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         raise PmmcacheError(f"run directory {run_dir} already exists; pass --resume to continue it, "

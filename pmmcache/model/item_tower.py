@@ -48,6 +48,9 @@ class ItemTowerConfig:
     pooling: Literal["cls", "mean"] = "cls"  # "cls": paper (mm_cls output); "mean": released code
     modalities: tuple[Modality, ...] = ("text", "image")
     fuse_modality_cls: bool = True  # feed the text / image CLS tokens to the fusion block too
+    # Layer-norm placement in the fusion block: False = post-LN (BERT, the released code); True =
+    # pre-LN, whose residual path starts as the plain token mean and trains faster from few steps.
+    fusion_norm_first: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model < 1:
@@ -154,8 +157,8 @@ class ItemTower(nn.Module):
                 dropout=config.dropout,
                 activation="gelu",
                 layer_norm_eps=1e-12,
+                norm_first=config.fusion_norm_first,
                 batch_first=True,
-                norm_first=False,
             )
         self.reset_head_parameters()
 

@@ -1,0 +1,467 @@
+"""Stage 2 (`pmmcache train`): the run directory, resume equivalence, fine-tuning from a pre-trained run,
+the NaN guard, config and cache errors, two processes under `accelerate launch`, and the epoch batches.
+
+Every run trains on a tiny cache extracted here (a 2-block BERT and the tiny ViT, top block trained)
+with a d = 32 model, 8 users per batch and 2 steps per epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from pmmcache import train
+from pmmcache.cli import main, set_dotted
+from pmmcache.config import from_dict, to_dict
+from pmmcache.errors import CacheMismatchError, ConfigError, PmmcacheError
+from pmmcache.evaluate import evaluate_splits
+from pmmcache.extract import ExtractConfig
+from pmmcache.extract import run as extract
+from pmmcache.train import TrainConfig, epoch_batches
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import save_tiny_bert  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "toy"
+NUM_ITEMS = 39  # odd, so two processes get item and user shards of unequal size
+TEXT_TOKENS = 16
+IMAGE_SIZE = 64  # tiny ViT, patch 32: 4 patches + CLS
+K = 1  # top blocks trained (of the 2-block BERT and the 4-block tiny ViT)
+STEPS = 2  # max_steps_per_epoch
+WORDS = "red blue green big small new old best".split()
+THINGS = "cat dog movie song game film story video".split()
+KS = (10, 20, 50)
+METRICS = [f"{m}@{k}" for k in KS for m in ("HR", "NDCG")]
+LOSSES = ("dap", "nicl", "nid", "rcl")
+
+
+# ------------------------------------------------------------------------------- tiny dataset and cache
+
+
+@dataclass(frozen=True)
+class Toy:
+    """A PMMRec-layout dataset, a tiny text model, and the cache extracted from them."""
+
+    data_dir: Path
+    cache_dir: Path
+    bert_dir: Path
+
+
+def make_toy(data_dir: Path) -> None:
+    """`toy_users.tsv` (39 users x 8 distinct items; every item occurs 8 times), titles and images."""
+    root = data_dir / NAME
+    (root / f"{NAME}_images").mkdir(parents=True)
+    with open(root / f"{NAME}_users.tsv", "w") as f:
+        for user in range(NUM_ITEMS):
+            f.write(f"u{user}\t{' '.join(f'i{(user + 5 * j) % NUM_ITEMS}' for j in range(8))}\n")
+    with open(root / f"{NAME}_items_texts.tsv", "w") as f:
+        for i in range(NUM_ITEMS):
+            f.write(f"i{i}\tthe {WORDS[i % 8]} {THINGS[(i // 8) % 8]} {i}\n")
+    for i in range(NUM_ITEMS):
+        colour = (i * 6 % 256, (100 + 37 * i) % 256, (200 - 4 * i) % 256)
+        image = Image.new("RGB", (48, 40), colour)
+        image.paste((255 - colour[0], 40, 90), (4 + i % 20, 5, 24 + i % 20, 15))  # patches differ
+        image.save(root / f"{NAME}_images" / f"i{i}.png")
+
+
+def extract_config(toy: Toy, bert_dir: Path | None = None, cache_dir: Path | None = None) -> ExtractConfig:
+    return ExtractConfig(dataset=NAME, data_dir=toy.data_dir, cache_dir=cache_dir or toy.cache_dir,
+                         text_encoder=str(bert_dir or toy.bert_dir), vision_encoder="pmmcache-tiny-vit",
+                         vision_weights="random", top_blocks=K, max_text_length=TEXT_TOKENS, image_size=IMAGE_SIZE,
+                         batch_size=16, num_workers=0, device="cpu")
+
+
+def build_toy(root: Path) -> Toy:
+    toy = Toy(data_dir=root / "data", cache_dir=root / "cache", bert_dir=save_tiny_bert(root / "bert", layers=2))
+    make_toy(toy.data_dir)
+    extract(extract_config(toy), show_progress=False)
+    return toy
+
+
+def train_settings(toy: Toy, runs_dir: Path, run_name: str, **overrides) -> dict:
+    """TrainConfig fields (nested dicts) of a tiny run; `overrides` replace top-level fields."""
+    return {
+        "dataset": NAME, "data_dir": str(toy.data_dir), "cache_dir": str(toy.cache_dir), "runs_dir": str(runs_dir),
+        "run_name": run_name,
+        "encoders": {"text_encoder": str(toy.bert_dir), "vision_encoder": "pmmcache-tiny-vit",
+                     "vision_weights": "random", "top_blocks": K, "max_text_length": TEXT_TOKENS,
+                     "image_size": IMAGE_SIZE},
+        "model": {"item_tower": {"d_model": 32, "fusion_heads": 2}, "user_encoder": {"d_model": 32}},
+        "batch_size": 8, "epochs": 3, "max_steps_per_epoch": STEPS, "mixed_precision": "no", **overrides,
+    }
+
+
+def train_config(toy: Toy, runs_dir: Path, run_name: str, **overrides) -> TrainConfig:
+    return from_dict(TrainConfig, train_settings(toy, runs_dir, run_name, **overrides))
+
+
+def train_cli_args(toy: Toy, runs_dir: Path, run_name: str, epochs: int) -> list[str]:
+    """The same run as `train_config(toy, runs_dir, run_name, epochs=epochs)`, as `pmmcache train` options."""
+    return ["train", "--dataset", NAME, "--data-dir", str(toy.data_dir), "--cache-dir", str(toy.cache_dir),
+            "--runs-dir", str(runs_dir), "--run-name", run_name, "--text-encoder", str(toy.bert_dir),
+            "--vision-encoder", "pmmcache-tiny-vit", "--vision-weights", "random", "-k", str(K),
+            "--epochs", str(epochs), "--batch-size", "8", "--mixed-precision", "no",
+            "--set", f"encoders.max_text_length={TEXT_TOKENS}", "--set", f"encoders.image_size={IMAGE_SIZE}",
+            "--set", "model.item_tower.d_model=32", "--set", "model.item_tower.fusion_heads=2",
+            "--set", "model.user_encoder.d_model=32", "--set", f"max_steps_per_epoch={STEPS}"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Toy:
+    return build_toy(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(toy, tmp_path_factory) -> tuple[TrainConfig, train.TrainResult]:
+    """Run A: pre-training with all four losses, 3 epochs, uninterrupted."""
+    config = train_config(toy, tmp_path_factory.mktemp("runs"), "pretrain")
+    return config, train.run(config, show_progress=False)
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def model_tensors(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"epoch-{epoch:04d}" / "model.safetensors"))
+
+
+def learned(record: dict) -> dict:
+    """A metrics.jsonl record without its timings."""
+    return {k: v for k, v in record.items() if k not in ("seconds", "items_per_s")}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------- 1. run directory
+
+
+def test_pretrain_run_writes_config_metrics_checkpoint_best_and_eval(pretrained):
+    config, result = pretrained
+    run_dir = result.run_dir
+    assert run_dir == Path(config.runs_dir) / "pretrain"
+    assert json.loads((run_dir / "config.json").read_text()) == to_dict(config)
+
+    history = read_history(run_dir)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [learned(r) for r in history] == [learned(r) for r in result.history]
+    for record in history:
+        losses = {name: record[f"train_{name}"] for name in LOSSES}
+        assert all(math.isfinite(v) and v > 0 for v in losses.values()), record
+        assert record["train_loss"] == pytest.approx(sum(losses.values()), rel=1e-5)  # all weights 1
+        assert all(0.0 <= record[f"valid_{m}"] <= 1.0 for m in METRICS), record
+        assert record["valid_users"] == NUM_ITEMS
+    assert history[0]["train_loss"] != history[-1]["train_loss"]
+
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["epoch-0003"]  # older epochs are dropped once the new one is complete
+    assert (run_dir / "checkpoints" / "epoch-0003" / "COMPLETE").read_text() == "3"
+
+    scores = [r["valid_NDCG@10"] for r in history]  # select_metric
+    assert result.best_epoch == 1 + scores.index(max(scores))
+    best = run_dir / "best"
+    assert sorted(p.name for p in best.iterdir()) == ["config.json", "item_tower.safetensors", "metrics.json",
+                                                       "nid_head.safetensors", "user_encoder.safetensors"]
+    assert json.loads((best / "metrics.json").read_text()) == history[result.best_epoch - 1]
+
+    record = json.loads((run_dir / "eval.json").read_text())
+    assert record["best_epoch"] == result.best_epoch and record["mask_history"] is True
+    assert sorted(record["metrics"]) == ["test", "valid"]
+    for split, metrics in record["metrics"].items():
+        assert metrics == pytest.approx(result.metrics[split])
+        assert all(0.0 <= metrics[m] <= 1.0 for m in METRICS), metrics
+        assert metrics["HR@10"] <= metrics["HR@20"] <= metrics["HR@50"] == 1.0  # 39 items < 50
+        assert metrics["NDCG@10"] <= metrics["HR@10"]
+    # The final valid numbers come from the best epoch's weights: the same as that epoch's evaluation.
+    best_record = history[result.best_epoch - 1]
+    for m in METRICS:
+        assert record["metrics"]["valid"][m] == pytest.approx(best_record[f"valid_{m}"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------- 2. resume
+
+KILL_CHILD = """
+import os, signal, sys
+import pmmcache.train as train
+
+original = train._trim_padding  # called once per training step
+steps = 0
+
+def trim_then_die(ids):
+    global steps
+    steps += 1
+    if steps > int(os.environ["KILL_AFTER_STEPS"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(ids)
+
+train._trim_padding = trim_then_die
+from pmmcache.cli import main
+main(sys.argv[1:])
+"""
+
+
+def assert_same_run(run_dir: Path, reference: train.TrainResult, reference_dir: Path, epochs: int = 3) -> None:
+    """Same per-epoch losses and metrics, same final weights, same eval.json as the reference run."""
+    assert [learned(r) for r in read_history(run_dir)] == [learned(r) for r in read_history(reference_dir)]
+    got, want = model_tensors(run_dir, epochs), model_tensors(reference_dir, epochs)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=key)
+    for part in ("item_tower", "user_encoder", "nid_head"):
+        got, want = load_file(str(run_dir / "best" / f"{part}.safetensors")), \
+            load_file(str(reference_dir / "best" / f"{part}.safetensors"))
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=f"{part}.{key}")
+    record, expected = json.loads((run_dir / "eval.json").read_text()), json.loads((reference_dir / "eval.json").read_text())
+    assert record["best_epoch"] == expected["best_epoch"] == reference.best_epoch
+    for split in ("valid", "test"):
+        assert record["metrics"][split] == pytest.approx(expected["metrics"][split], abs=1e-6)
+
+
+def test_run_killed_after_two_epochs_resumes_to_the_uninterrupted_result(toy, pretrained, tmp_path):
+    reference_config, reference = pretrained
+    runs = tmp_path / "runs"
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, *train_cli_args(toy, runs, "killed", epochs=3)],
+                           cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "KILL_AFTER_STEPS": str(2 * STEPS + 1)})
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    run_dir = runs / "killed"
+    # Killed in epoch 3 after one optimizer step: epoch 2 is the last finished one.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0002"]
+    assert [r["epoch"] for r in read_history(run_dir)] == [1, 2] and not (run_dir / "eval.json").exists()
+    # The CLI's config is the in-process one (so resuming it in-process is allowed).
+    config = train_config(toy, runs, "killed")
+    assert json.loads((run_dir / "config.json").read_text()) == to_dict(config)
+
+    resumed = train.run(train_config(toy, runs, "killed", resume=True), show_progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert_same_run(run_dir, reference, reference.run_dir)
+    assert resumed.metrics["test"] == pytest.approx(reference.metrics["test"], abs=1e-6)
+
+
+def test_resume_may_extend_the_epochs_and_equals_the_uninterrupted_run(toy, pretrained, tmp_path):
+    _, reference = pretrained
+    runs = tmp_path / "runs"
+    short = train.run(train_config(toy, runs, "extended", epochs=2), show_progress=False)
+    assert [r["epoch"] for r in short.history] == [1, 2]
+    assert [learned(r) for r in short.history] == [learned(r) for r in reference.history[:2]]
+
+    longer = train_config(toy, runs, "extended", epochs=3, resume=True)
+    extended = train.run(longer, show_progress=False)
+    assert [r["epoch"] for r in extended.history] == [1, 2, 3]
+    assert_same_run(runs / "extended", reference, reference.run_dir)
+    saved = json.loads((runs / "extended" / "config.json").read_text())
+    assert saved["epochs"] == 3  # config.json says how the run was trained in the end
+    assert saved == {**to_dict(longer), "resume": False}
+
+    # What the run trains may not change on resume; the message names the setting.
+    with pytest.raises(PmmcacheError, match=r"other settings \(lr differ\)"):
+        train.run(train_config(toy, runs, "extended", epochs=4, lr=1e-3, resume=True), show_progress=False)
+    with pytest.raises(PmmcacheError, match=r"model differ"):
+        changed = train_settings(toy, runs, "extended", resume=True)
+        changed["model"]["user_encoder"]["n_blocks"] = 1
+        train.run(from_dict(TrainConfig, changed), show_progress=False)
+    assert [r["epoch"] for r in read_history(runs / "extended")] == [1, 2, 3]  # untouched by the refusals
+
+
+# ------------------------------------------------------------------------------- 3. fine-tuning
+
+
+def test_finetune_starts_from_the_pretrained_item_tower_and_user_encoder(toy, pretrained, tmp_path, monkeypatch):
+    _, reference = pretrained
+    started: dict = {}
+    original_setup = train.setup
+
+    def spy_setup(config, device):
+        s = original_setup(config, device)
+        started["item_tower"] = {k: v.clone() for k, v in s.model.item_tower.state_dict().items()}
+        started["user_encoder"] = {k: v.clone() for k, v in s.model.user_encoder.state_dict().items()}
+        started["nid_head"] = s.model.nid_head
+        return s
+
+    monkeypatch.setattr(train, "setup", spy_setup)
+    config = train_config(toy, tmp_path / "runs", "finetune", stage="finetune", epochs=1,
+                          init=str(reference.run_dir), model={})  # the model comes from the init run
+    result = train.run(config, show_progress=False)
+
+    assert started["nid_head"] is None
+    for part in ("item_tower", "user_encoder"):
+        pretrained_weights = load_file(str(reference.run_dir / "best" / f"{part}.safetensors"))
+        assert started[part].keys() == pretrained_weights.keys()
+        for key, value in pretrained_weights.items():
+            assert torch.equal(started[part][key], value), f"{part}.{key} did not start from the pre-trained run"
+        tuned = load_file(str(result.run_dir / "best" / f"{part}.safetensors"))
+        assert any(not torch.equal(tuned[k], pretrained_weights[k]) for k in tuned), f"{part} was not trained"
+
+    assert not (result.run_dir / "best" / "nid_head.safetensors").exists()
+    parts_config = json.loads((result.run_dir / "best" / "config.json").read_text())["config"]
+    assert parts_config["nid_head"] is False and parts_config["item_tower"]["d_model"] == 32
+    (record,) = read_history(result.run_dir)
+    assert sorted(k for k in record if k.startswith("train_")) == ["train_dap", "train_loss"]
+    assert record["train_loss"] == pytest.approx(record["train_dap"])
+
+
+# ------------------------------------------------------------------------------- 4. NaN guard
+
+
+def test_a_nan_loss_stops_the_run_naming_the_last_good_checkpoint(toy, tmp_path, monkeypatch):
+    original_dap = train.dap_loss
+    calls = 0
+
+    def dap_turning_nan(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        loss = original_dap(*args, **kwargs)
+        return loss * float("nan") if calls > STEPS else loss  # from the first step of epoch 2
+
+    monkeypatch.setattr(train, "dap_loss", dap_turning_nan)
+    config = train_config(toy, tmp_path / "runs", "nan")
+    with pytest.raises(PmmcacheError) as err:
+        train.run(config, show_progress=False)
+    checkpoint = tmp_path / "runs" / "nan" / "checkpoints" / "epoch-0001"
+    message = str(err.value)
+    assert "loss became nan at epoch 2, step 1" in message and "dap=nan" in message
+    assert f"last good checkpoint is {checkpoint}" in message
+    assert (checkpoint / "COMPLETE").read_text() == "1" and (checkpoint / "model.safetensors").is_file()
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["epoch-0001"]
+    assert [r["epoch"] for r in read_history(checkpoint.parent.parent)] == [1]
+
+
+# ------------------------------------------------------------------------------- 5. config and cache errors
+
+
+@pytest.mark.parametrize("setting, named", [
+    ("model.item_tower.d_modle=64", "'d_modle' for ItemTowerConfig in model.item_tower"),
+    ("objectives.nicl_weight=0", "'nicl_weight' for ObjectiveConfig in objectives"),
+    ("batch_size=eight", "batch_size: expected an integer"),
+    ("encoders.top_blocks=two", "encoders.top_blocks: expected an integer"),
+    ("mask_history=maybe", "mask_history: expected true/false"),
+    ("select_metric=HR@5", "select_metric 'HR@5'"),
+])
+def test_bad_settings_are_config_errors_naming_the_key(setting, named, toy, tmp_path):
+    data = train_settings(toy, tmp_path / "runs", "bad")
+    set_dotted(data, setting)
+    with pytest.raises(ConfigError) as err:
+        from_dict(TrainConfig, data)
+    assert named in str(err.value)
+
+    result = CliRunner().invoke(main, train_cli_args(toy, tmp_path / "runs", "bad", epochs=1) + ["--set", setting])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and named in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_select_metric_must_be_one_of_the_ks(toy, tmp_path):
+    with pytest.raises(ConfigError, match="select_metric 'NDCG@10'"):
+        train_config(toy, tmp_path, "bad", ks=[5, 20])
+    assert train_config(toy, tmp_path, "ok", ks=[5, 20], select_metric="HR@5").select_metric == "HR@5"
+
+
+def test_existing_run_without_resume_and_resume_without_run_are_refused(toy, pretrained, tmp_path):
+    config, result = pretrained
+    before = (result.run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(PmmcacheError, match="already exists; pass --resume"):
+        train.run(config, show_progress=False)
+    assert (result.run_dir / "metrics.jsonl").read_text() == before
+    with pytest.raises(PmmcacheError, match="--resume: no run at"):
+        train.run(train_config(toy, tmp_path / "runs", "never-ran", resume=True), show_progress=False)
+
+
+def test_missing_cache_tells_to_run_extract(toy, tmp_path):
+    config = train_config(toy, tmp_path / "runs", "no-cache", cache_dir=str(tmp_path / "empty-cache"))
+    with pytest.raises(PmmcacheError, match=f"run `pmmcache extract --dataset {NAME}`"):
+        train.run(config, show_progress=False)
+
+
+def test_cache_made_by_other_encoder_weights_is_refused(toy, tmp_path):
+    bert_dir = shutil.copytree(toy.bert_dir, tmp_path / "bert")
+    cache_dir = tmp_path / "cache"
+    extract(extract_config(toy, bert_dir=bert_dir, cache_dir=cache_dir), show_progress=False)
+    save_tiny_bert(bert_dir, layers=2, seed=1)  # other weights at the same path: same cache file name
+    settings = train_settings(toy, tmp_path / "runs", "stale", cache_dir=str(cache_dir))
+    settings["encoders"]["text_encoder"] = str(bert_dir)
+    with pytest.raises(CacheMismatchError, match=r"text\.lower_fingerprint"):
+        train.run(from_dict(TrainConfig, settings), show_progress=False)
+
+
+# ------------------------------------------------------------------------------- 7. two processes
+
+
+def test_two_processes_under_accelerate_launch_train_one_run_and_evaluate_like_one(toy, tmp_path):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "pmmcache",
+               *train_cli_args(toy, runs, "ddp", epochs=2)]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in runs.iterdir()] == ["ddp"]
+    run_dir = runs / "ddp"
+    assert done.stdout.count("best epoch") == 1  # only the main process reports
+    assert [r["epoch"] for r in read_history(run_dir)] == [1, 2]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0002"]
+
+    record = json.loads((run_dir / "eval.json").read_text())
+    for split in ("valid", "test"):
+        metrics = record["metrics"][split]
+        assert metrics["users"] == NUM_ITEMS
+        assert all(math.isfinite(metrics[m]) and 0.0 <= metrics[m] <= 1.0 for m in METRICS), metrics
+
+    # The same best weights evaluated by one process give the numbers the two processes gathered.
+    config = from_dict(TrainConfig, {**json.loads((run_dir / "config.json").read_text()), "init": str(run_dir)})
+    s = train.setup(config, torch.device("cpu"))
+    single = evaluate_splits(s.model, s.store, s.dataset, ("valid", "test"), config.ks, config.max_len)
+    for split in ("valid", "test"):
+        assert record["metrics"][split] == pytest.approx(single[split], abs=1e-6), split
+
+
+# ------------------------------------------------------------------------------- 8. epoch batches
+
+
+@pytest.mark.parametrize("num_users, batch_size, world", [(23, 4, 3), (16, 4, 2), (5, 4, 2), (7, 3, 1)])
+def test_epoch_batches_cover_every_user_once_per_epoch_over_all_ranks(num_users, batch_size, world):
+    per_rank = [epoch_batches(num_users, batch_size, epoch=3, seed=7, rank=r, world=world) for r in range(world)]
+    steps = -(-num_users // (batch_size * world))
+    assert all(len(batches) == steps for batches in per_rank)  # every rank takes the same number of steps
+    assert all(len(batch) == batch_size for batches in per_rank for batch in batches)
+    # Global batch s = the ranks' batches s side by side; over the epoch a permutation plus wrap-around fill.
+    order = np.concatenate([np.concatenate([per_rank[r][s] for r in range(world)]) for s in range(steps)])
+    fill = steps * batch_size * world - num_users
+    assert sorted(order[:num_users].tolist()) == list(range(num_users))
+    assert order[num_users:].tolist() == order[:fill].tolist()  # the fill repeats the epoch's first users
+    counts = np.bincount(order, minlength=num_users)
+    assert counts.min() >= 1 and counts.sum() == num_users + fill and (counts > 1).sum() == min(fill, num_users)
+
+
+def test_epoch_batches_are_deterministic_per_seed_and_epoch():
+    def flat(**kw) -> list[int]:
+        defaults = dict(num_users=48, batch_size=4, epoch=0, seed=1, rank=1, world=2)
+        return np.concatenate(epoch_batches(**{**defaults, **kw})).tolist()
+
+    assert flat() == flat()
+    assert flat(epoch=1) != flat() and flat(seed=2) != flat()
+    assert flat(rank=0) != flat() and not set(flat(rank=0)) & set(flat())  # 48 = 2 x 4 x 6: no wrap-around
+    assert len(set(flat(rank=0)) | set(flat())) == 48
