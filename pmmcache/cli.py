@@ -225,6 +225,7 @@ def bench_extract(**options: Any) -> None:
     """Extraction items/s, and cache-reader throughput: memmap vs RAM vs naive h5py fancy indexing."""
     from pmmcache import bench as bench_mod
 
+    _quiet_libraries()
     result = bench_mod.run_extract_bench(**options)
     text = json.dumps(result, indent=2)
     click.echo(text)

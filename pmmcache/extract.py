@@ -243,9 +243,13 @@ def run(config: ExtractConfig, show_progress: bool = True) -> ExtractResult:
 
     device = _resolve_device(config.device, state)
     dtype = DTYPES[config.dtype]
-    text = TextEncoder.load(text_spec).to(device=device, dtype=dtype).eval() if text_spec else None
-    vision = VisionEncoder.load(vision_spec).to(device=device, dtype=dtype).eval() if vision_spec else None
+    text = TextEncoder.load(text_spec) if text_spec else None
+    vision = VisionEncoder.load(vision_spec) if vision_spec else None
+    # The manifest describes the weights as loaded (fp32): their fingerprints must not depend on the
+    # compute dtype, which is recorded on its own, or stage 2 (fp32 encoders) would refuse the cache.
     manifest = build_manifest(dataset, text, vision, config)
+    text = text.to(device=device, dtype=dtype).eval() if text else None
+    vision = vision.to(device=device, dtype=dtype).eval() if vision else None
     path = cache_path(Path(config.cache_dir), config.dataset, cache_key(text_spec, vision_spec))
 
     if state.is_main_process:

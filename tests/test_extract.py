@@ -26,7 +26,7 @@ from pmmcache import cache as cache_io
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, VisionEncoderSpec
 from pmmcache.errors import CacheMismatchError, DataError, PmmcacheError
-from pmmcache.extract import ExtractConfig, run
+from pmmcache.extract import ExtractConfig, encoder_specs, run
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import save_tiny_bert, save_tiny_hf_clip_vision  # noqa: E402
@@ -533,3 +533,16 @@ def test_cli_absent_text_model_dir_is_a_one_line_error(toy_data, tmp_path):
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == (f"error: text encoder dir {absent} does not exist; "
                                      "pass --text-encoder PATH to a transformers model dir")
+
+
+def test_reduced_precision_extraction_still_matches_the_fp32_encoders_stage_2_loads(toy_data, bert_dir, tmp_path):
+    """Found on a GPU: a bf16 extraction fingerprinted the bf16-cast weights, so stage 2 (which loads the
+    encoders in fp32) refused its own cache. The manifest must describe the weights as loaded."""
+    from pmmcache.items import expected_manifest
+
+    config = toy_config(toy_data, tmp_path / "cache", bert_dir, dtype="bfloat16")
+    result = run(config, show_progress=False)
+    text_spec, vision_spec = encoder_specs(config)
+    expected = expected_manifest(TextEncoder.load(text_spec), VisionEncoder.load(vision_spec))
+    manifest = cache_io.check_manifest(result.path, expected)  # raises on a mismatch
+    assert manifest["compute_dtype"] == "bfloat16" and manifest["text"]["dtype"] == "float32"
