@@ -18,9 +18,15 @@ from pmmcache.errors import ConfigError, PmmcacheError  # noqa: E402
 
 
 def build_config(cls: type, config_file: str | None, overrides: dict[str, Any], settings: tuple[str, ...] = ()) -> Any:
-    """Config = defaults < config file < command-line options (only those given) < --set KEY=VALUE."""
+    """Config = defaults < config file < command-line options (only those given) < --set KEY=VALUE.
+
+    An option given as a dict (e.g. `encoders`) is merged into that table of the file, key by key."""
     data = load_file(config_file) if config_file else {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **{k: v for k, v in value.items() if v is not None}}
+        elif value is not None:
+            data[key] = value
     for setting in settings:
         set_dotted(data, setting)
     return from_dict(cls, data)
@@ -162,16 +168,8 @@ def train(config_file: str | None, settings: tuple[str, ...], **options: Any) ->
     from pmmcache import train as stage
 
     _quiet_libraries()
-    encoders = {k: options.pop(k) for k in ENCODER_OPTIONS if options.get(k) is not None}
-    data = load_file(config_file) if config_file else {}
-    if encoders:
-        data["encoders"] = {**data.get("encoders", {}), **encoders}
-    for k in ENCODER_OPTIONS:
-        options.pop(k, None)
-    data.update({k: v for k, v in options.items() if v is not None})
-    for setting in settings:
-        set_dotted(data, setting)
-    stage.run(from_dict(stage.TrainConfig, data))
+    options["encoders"] = {k: options.pop(k, None) for k in ENCODER_OPTIONS}
+    stage.run(build_config(stage.TrainConfig, config_file, options, settings))
 
 
 @main.command("eval")

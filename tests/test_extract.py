@@ -467,6 +467,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                    reason="`accelerate launch --multi_gpu --num_processes 2` on a one-GPU machine; runs on CPU")
 def test_two_processes_under_accelerate_launch_write_one_cache(baseline, toy_data, bert_dir, tmp_path):
     spy_dir, logs, cache_dir = tmp_path / "spy", tmp_path / "logs", tmp_path / "cache"
     spy_dir.mkdir()

@@ -408,6 +408,8 @@ def test_cache_made_by_other_encoder_weights_is_refused(toy, tmp_path):
 # ------------------------------------------------------------------------------- 7. two processes
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                    reason="`accelerate launch --multi_gpu --num_processes 2` on a one-GPU machine; runs on CPU")
 def test_two_processes_under_accelerate_launch_train_one_run_and_evaluate_like_one(toy, tmp_path):
     runs = tmp_path / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
