@@ -224,7 +224,7 @@ def with_init_model(config: TrainConfig) -> TrainConfig:
     if not config.init:
         return config
     init_config, _ = read_parts_config(resolve_init_dir(config.init, config.runs_dir))
-    model = {**to_dict(init_config), "nid_head": config.stage == "pretrain"}
+    model = {**to_dict(init_config), "nid_head": "nid" in config.weights}
     asked = {**to_dict(config.model), "nid_head": model["nid_head"]}
     if config.model != PMMRecConfig() and asked != model:
         raise ConfigError(f"--init {config.init} fixes the model architecture; drop the model.* settings "
@@ -236,7 +236,8 @@ def setup(config: TrainConfig, device: torch.device) -> Setup:
     config = with_init_model(config)
     dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir))
     cache_dataset = config.cache_dataset or default_cache_dataset(config.dataset)
-    model_config = config.model
+    # The NID head exists only when NID is trained: DDP refuses parameters that get no gradient.
+    model_config = from_dict(PMMRecConfig, {**to_dict(config.model), "nid_head": "nid" in config.weights})
     wanted = set(model_config.item_tower.modalities)
     choice = from_dict(EncoderChoice, {**to_dict(config.encoders), "modalities": [m for m in ("text", "image") if m in wanted]})
     text, vision = load_encoders(choice, cache_dataset)

@@ -467,3 +467,15 @@ def test_epoch_batches_are_deterministic_per_seed_and_epoch():
     assert flat(epoch=1) != flat() and flat(seed=2) != flat()
     assert flat(rank=0) != flat() and not set(flat(rank=0)) & set(flat())  # 48 = 2 x 4 x 6: no wrap-around
     assert len(set(flat(rank=0)) | set(flat())) == 48
+
+
+@pytest.mark.parametrize("overrides, has_nid_head", [
+    ({"stage": "pretrain"}, True),
+    ({"stage": "pretrain", "objectives": {"nid": 0.0}}, False),
+    ({"stage": "finetune"}, False),
+])
+def test_nid_head_exists_only_when_nid_is_trained(overrides, has_nid_head, toy, tmp_path):
+    """Under DDP a parameter that gets no gradient is an error, so an unused NID head must not exist."""
+    config = train_config(toy, tmp_path, "nid", **overrides)
+    model = train.setup(config, torch.device("cpu")).model
+    assert (model.nid_head is not None) == has_nid_head
