@@ -41,6 +41,7 @@ class DemoJobConfig:
     lr: float = 1e-3
     encoder_lr: float = 1e-5
     seed: int = 42
+    max_steps_per_epoch: int = 0  # 0 = whole epochs; small values make a smoke run
 
 
 def _train_config(job: DemoJobConfig, **fields: Any) -> train.TrainConfig:
@@ -52,6 +53,7 @@ def _train_config(job: DemoJobConfig, **fields: Any) -> train.TrainConfig:
                                  "fusion_norm_first": job.fusion_norm_first},
                   "user_encoder": {"d_model": d, "n_heads": 2}},
         "batch_size": job.batch_size, "lr": job.lr, "encoder_lr": job.encoder_lr, "seed": job.seed, "patience": 2,
+        "max_steps_per_epoch": job.max_steps_per_epoch,
         **fields,
     }
     return from_dict(train.TrainConfig, data)
