@@ -324,7 +324,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
                                 accelerator.process_index, accelerator.num_processes)
         if config.max_steps_per_epoch:
             batches = batches[: config.max_steps_per_epoch]
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # summed on the device: one host sync per step, not one per loss
         items_seen = 0
         start = time.perf_counter()
         bar = tqdm(batches, desc=f"{config.stage} epoch {epoch + 1}/{config.epochs}", unit="step", dynamic_ncols=True,
@@ -344,9 +344,10 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
                 losses = step_module(ids.to(accelerator.device), inverse.to(accelerator.device), states,
                                      corrupted_inverse, labels)
                 loss = sum(weights[name] * value for name, value in losses.items())
-            if not torch.isfinite(loss):
+            loss_value = loss.item()  # the step's one host sync: the NaN guard and the progress bar need it
+            if not math.isfinite(loss_value):
                 raise PmmcacheError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                    f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1} "
                     f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopped. "
                     f"The last good checkpoint is {_latest_checkpoint(checkpoints) or 'none (no epoch finished)'}; "
                     "try a lower --lr, --grad-clip 1.0, or bf16 instead of fp16")
@@ -357,17 +358,17 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.item()
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            sums["loss"] = sums.get("loss", 0.0) + loss_value
             items_seen += int((ids > 0).sum()) * accelerator.num_processes
-            bar.set_postfix(loss=f"{loss.item():.4f}", items_s=f"{items_seen / (time.perf_counter() - start):.0f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", items_s=f"{items_seen / (time.perf_counter() - start):.0f}")
         bar.close()
         seconds = time.perf_counter() - start
         metrics = evaluate_splits(unwrapped, store, dataset, ("valid",), config.ks, config.max_len,
                                   config.mask_history, accelerator)["valid"]
         epoch += 1
         state.epoch = epoch
-        record = {"epoch": epoch, **{f"train_{k}": v / max(1, len(batches)) for k, v in sums.items()},
+        record = {"epoch": epoch, **{f"train_{k}": float(v) / max(1, len(batches)) for k, v in sums.items()},
                   **{f"valid_{k}": v for k, v in metrics.items()}, "seconds": round(seconds, 2),
                   "items_per_s": round(items_seen / seconds, 1) if seconds > 0 else 0.0}
         improved = metrics[config.select_metric] > state.best_metric
