@@ -79,18 +79,17 @@ def reader_bench(work: Path, items: int, tokens: int, dim: int, batch_items: int
     def next_batch() -> np.ndarray:
         return batches[next(cursor) % len(batches)]
 
-    def h5py_fancy(file: Path) -> Callable[[], Any]:
-        handle = h5py.File(file, "r")
+    def h5py_fancy_ms(file: Path) -> float:
         names = ("text/states", "text/mask", "image/states", "modality")
-
-        def read() -> list[np.ndarray]:
-            idx = np.unique(next_batch())  # h5py needs increasing indices
-            return [handle[name][idx] for name in names]
-        return read
+        with h5py.File(file, "r") as handle:
+            def read() -> list[np.ndarray]:
+                idx = np.unique(next_batch())  # h5py needs increasing indices
+                return [handle[name][idx] for name in names]
+            return _median_ms(read, repeats)
 
     figures: dict[str, float] = {}
-    figures["h5py_chunked_fancy_ms"] = _median_ms(h5py_fancy(chunked), repeats)
-    figures["h5py_contiguous_fancy_ms"] = _median_ms(h5py_fancy(path), repeats)
+    figures["h5py_chunked_fancy_ms"] = h5py_fancy_ms(chunked)
+    figures["h5py_contiguous_fancy_ms"] = h5py_fancy_ms(path)
     for storage in ("memmap", "ram") + (("gpu",) if device.type == "cuda" else ()):
         reader = cache_io.CacheReader(path, storage=storage, device=device if storage == "gpu" else "cpu")
 
@@ -112,8 +111,8 @@ def reader_bench(work: Path, items: int, tokens: int, dim: int, batch_items: int
 
 
 def run_extract_bench(dataset: str = "demo", items: int = 4000, tokens: int = 100, dim: int = 768,
-                      batch_items: int = 672, repeats: int = 5, device: str = "auto", work_dir: str | None = None,
-                      output: str | None = None) -> dict[str, Any]:
+                      batch_items: int = 672, repeats: int = 5, device: str = "auto",
+                      work_dir: str | None = None) -> dict[str, Any]:
     """Extraction throughput on `dataset` and the reader comparison on a synthetic cache."""
     from pmmcache import extract
 

@@ -87,16 +87,29 @@ def main() -> None:
     """
 
 
+ENCODER_OPTIONS = ("text_encoder", "vision_encoder", "vision_weights", "top_blocks", "max_text_length", "image_size")
+
+
+def encoder_options(command: Any) -> Any:
+    """The encoder options `extract` and `train` share (train's must match the cache's)."""
+    options = [
+        click.option("--text-encoder", help="Transformers model id or local dir.  [default: xlm-roberta-base; demo: packaged all-MiniLM-L6-v2]"),
+        click.option("--vision-encoder", help="open_clip architecture (ViT-B-32), a local transformers CLIP dir, or pmmcache-tiny-vit.  [default: ViT-B-32; demo: pmmcache-tiny-vit]"),
+        click.option("--vision-weights", help="open_clip pretrained tag (openai), 'random', or a weights file.  [default: openai; demo: random]"),
+        click.option("-k", "--top-blocks", type=int, help="Top encoder blocks trained in stage 2; the cache holds the input of block n-k.  [default: 2]"),
+        click.option("--max-text-length", type=int, help="Tokens per text including CLS.  [default: 50]"),
+        click.option("--image-size", type=int, help="Image side in pixels.  [default: 224]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.option("--dataset", help="Dataset name(s), comma-separated; 'demo' is the embedded default.  [default: demo]")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Raw datasets root.  [default: data]")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache root.  [default: cache]")
-@click.option("--text-encoder", help="Transformers model id or local dir.  [default: xlm-roberta-base; demo: packaged all-MiniLM-L6-v2]")
-@click.option("--vision-encoder", help="open_clip architecture (ViT-B-32), a local transformers CLIP dir, or pmmcache-tiny-vit.  [default: ViT-B-32; demo: pmmcache-tiny-vit]")
-@click.option("--vision-weights", help="open_clip pretrained tag (openai), 'random', or a weights file.  [default: openai; demo: random]")
-@click.option("-k", "--top-blocks", type=int, help="Blocks left for stage 2 to train; the cache holds the input of block n-k.  [default: 2]")
-@click.option("--max-text-length", type=int, help="Tokens per text including CLS.  [default: 50]")
-@click.option("--image-size", type=int, help="Image side in pixels.  [default: 224]")
+@encoder_options
 @click.option("--modalities", help="Which modalities to extract: text,image | text | image.  [default: text,image]")
 @click.option("--batch-size", type=int, help="Items per encoder batch.  [default: 64]")
 @click.option("--num-workers", type=int, help="Loader processes decoding images per extraction process.  [default: 2]")
@@ -133,9 +146,6 @@ def prepare(dataset: str, data_dir: str, cache_dir: str, **options: Any) -> None
     click.echo(json.dumps(prepared.manifest(), indent=2))
 
 
-ENCODER_OPTIONS = ("text_encoder", "vision_encoder", "vision_weights", "top_blocks", "max_text_length", "image_size")
-
-
 @main.command()
 @click.option("--stage", type=click.Choice(["pretrain", "finetune"]), help="pretrain: DAP+NICL+NID+RCL; finetune: DAP only.  [default: pretrain]")
 @click.option("--dataset", help="Dataset(s) to train on; comma-separated names are combined (multi-source pre-training), e.g. demo/kitchen,demo/garden.  [default: demo]")
@@ -145,10 +155,7 @@ ENCODER_OPTIONS = ("text_encoder", "vision_encoder", "vision_weights", "top_bloc
 @click.option("--runs-dir", type=click.Path(file_okay=False), help="[default: runs]")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="[default: data]")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="[default: cache]")
-@click.option("--text-encoder", help="Must match the cache (same as for extract).")
-@click.option("--vision-encoder", help="Must match the cache (same as for extract).")
-@click.option("--vision-weights", help="Must match the cache (same as for extract).")
-@click.option("-k", "--top-blocks", type=int, help="Top encoder blocks trained.  [default: 2]")
+@encoder_options
 @click.option("--epochs", type=int, help="[default: 5]")
 @click.option("--batch-size", type=int, help="Users per process.  [default: 32]")
 @click.option("--lr", type=float, help="AdamW learning rate.  [default: 1e-4]")
@@ -219,7 +226,7 @@ def bench() -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Scratch directory.  [default: a temporary one]")
 @click.option("--output", type=click.Path(dir_okay=False), help="Also write the JSON here.")
-def bench_extract(**options: Any) -> None:
+def bench_extract(output: str | None, **options: Any) -> None:
     """Extraction items/s, and cache-reader throughput: memmap vs RAM vs naive h5py fancy indexing."""
     from pmmcache import bench as bench_mod
 
@@ -227,8 +234,8 @@ def bench_extract(**options: Any) -> None:
     result = bench_mod.run_extract_bench(**options)
     text = json.dumps(result, indent=2)
     click.echo(text)
-    if options.get("output"):
-        Path(options["output"]).write_text(text + "\n")
+    if output:
+        Path(output).write_text(text + "\n")
 
 
 if __name__ == "__main__":

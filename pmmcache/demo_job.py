@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pmmcache import cache as cache_io
 from pmmcache import extract, train
 from pmmcache.config import from_dict, to_dict
 from pmmcache.data.registry import demo_domains
@@ -88,8 +89,8 @@ def run(job: DemoJobConfig) -> dict[str, Any]:
                                                  run_name=f"pretrained-{target}", epochs=job.finetune_epochs,
                                                  init=str(pretrained.run_dir)))
     print("== 4/4 full-rank test metrics on", target_spec)
-    manifest = extract.cache_io.read_manifest(extracted.path)
-    num_items = len([k for k in extract.cache_io.read_keys(extracted.path) if k.startswith(f"{target}/")])
+    manifest = cache_io.read_manifest(extracted.path)
+    num_items = len([k for k in cache_io.read_keys(extracted.path) if k.startswith(f"{target}/")])
     rows = {
         "random ranking": {"HR@10": random_ranking_hr(num_items, 10), "NDCG@10": float("nan")},
         "from scratch": scratch.metrics["test"],

@@ -479,3 +479,21 @@ def test_nid_head_exists_only_when_nid_is_trained(overrides, has_nid_head, toy, 
     config = train_config(toy, tmp_path, "nid", **overrides)
     model = train.setup(config, torch.device("cpu")).model
     assert (model.nid_head is not None) == has_nid_head
+
+
+def test_train_cli_passes_every_encoder_option_into_the_encoders_table(monkeypatch, tmp_path):
+    """extract and train share their encoder options; train's must reach TrainConfig.encoders to find the cache."""
+    from click.testing import CliRunner
+
+    from pmmcache.cli import main
+
+    seen = []
+    monkeypatch.setattr(train, "run", lambda config: seen.append(config))
+    args = ["train", "--text-encoder", "/m/text", "--vision-encoder", "pmmcache-tiny-vit", "--vision-weights", "random",
+            "-k", "1", "--max-text-length", "32", "--image-size", "64", "--epochs", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    enc = seen[0].encoders
+    assert (enc.text_encoder, enc.vision_encoder, enc.vision_weights, enc.top_blocks, enc.max_text_length,
+            enc.image_size) == ("/m/text", "pmmcache-tiny-vit", "random", 1, 32, 64)
+    assert seen[0].epochs == 2
