@@ -87,7 +87,7 @@ def test_mixed_timestamps_are_refused():
 def test_truncation_short_users_and_catalogue():
     items = [f"i{n:02d}" for n in range(12)]
     raw = raw_from({"long": items[:10], "short": ["i10", "i11"], "three": ["i00", "i01", "i02"]}, items=items)
-    dataset = prepare(raw, PrepareConfig(min_core=0, max_history=4))
+    dataset = prepare(raw, PrepareConfig(min_core=0, max_history=4, truncate=True))
 
     assert sequences_of(dataset) == {
         "src/long": [f"src/i{n:02d}" for n in range(5, 10)],  # last max_history + 1
@@ -98,6 +98,37 @@ def test_truncation_short_users_and_catalogue():
     report = dataset.report["sources"]["src"]
     assert report["users_too_short"] == 1 and report["sequences_truncated"] == 1
     assert report["prepared"] == {"users": 2, "items": 12, "interactions": 8}
+
+
+def test_whole_sequences_are_kept_by_default_and_splits_see_the_same_history():
+    items = [f"i{n:02d}" for n in range(12)]
+    raw = raw_from({"long": items[:10], "three": ["i00", "i01", "i02"]}, items=items)
+    whole = prepare(raw, PrepareConfig(min_core=0, max_history=4))
+    cut = prepare(raw, PrepareConfig(min_core=0, max_history=4, truncate=True))
+
+    assert sequences_of(whole)["src/long"] == [f"src/i{n:02d}" for n in range(10)]
+    assert whole.report["sources"]["src"]["sequences_longer_than_history"] == 1
+    for a, b in zip(whole.split_arrays("test"), cut.split_arrays("test")):
+        assert np.array_equal(a, b)
+    # Every split's history is the last max_history items before its target; a truncated copy
+    # (released code) has fewer before the valid target and in the training sequence.
+    assert whole.split_arrays("valid")[0][0].tolist() == [5, 6, 7, 8]
+    assert cut.split_arrays("valid")[0][0].tolist() == [0, 6, 7, 8]
+    assert whole.train_sequences(5)[0].tolist() == [4, 5, 6, 7, 8]
+    # Popularity counts the whole training sequence, not only its last window.
+    assert whole.train_item_counts()[1] == 2 and cut.train_item_counts()[1] == 1  # i00: users long + three
+
+
+def test_train_windows_cover_every_training_target_once():
+    items = [f"i{n}" for n in range(1, 12)]
+    raw = raw_from({"a": items, "b": items[:4]}, items=items)  # train parts: 1..9 and 1..2
+    dataset = prepare(raw, PrepareConfig(min_core=0))
+    windows, owners = dataset.train_windows(4)
+    assert windows.tolist() == [[6, 7, 8, 9], [3, 4, 5, 6], [0, 1, 2, 3], [0, 0, 1, 2]]
+    assert owners.tolist() == [0, 0, 0, 1]
+    # Targets are the items after a window's first real item: each training target exactly once.
+    targets = [t for row in windows.tolist() for t in [x for x in row if x][1:]]
+    assert sorted(targets) == sorted(list(range(2, 10)) + [2])
 
 
 def test_split_arrays_are_left_padded_leave_one_out():
@@ -198,10 +229,12 @@ def test_ml100k_five_core_matches_recbole_and_sorts_by_time_then_row():
     assert (core["users"], core["items"], core["interactions"]) == (943, 1349, 99_287)
     assert (dataset.num_users, dataset.num_items) == (943, 1349)
 
-    # naive reference for one user with many same-second ties: sort by (timestamp, row), keep last 21
+    assert dataset.report["sources"]["ml-100k"]["prepared"]["interactions"] == 99_287  # whole sequences
+
+    # naive reference for one user with many same-second ties: sort by (timestamp, row)
     keys = dataset.item_keys()
     kept = set(keys)
     rows = [(ts, row, item) for user, item, ts, row in raw.interactions if user == "405" and f"ml-100k/{item}" in kept]
-    expected = [f"ml-100k/{item}" for _, _, item in sorted(rows)][-21:]
+    expected = [f"ml-100k/{item}" for _, _, item in sorted(rows)]
     assert len({ts for ts, _, _ in rows}) < len(rows)  # this user really has ties
     assert sequences_of(dataset)["ml-100k/405"] == expected

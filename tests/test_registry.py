@@ -56,7 +56,7 @@ def test_builds_once_then_loads_then_rebuilds_on_change(tmp_path):
 
     stricter = resolve_dataset("shop", data, cache, PrepareConfig(min_core=3, max_history=5))
     assert stricter.config.min_core == 3
-    assert json.loads(manifest_path.read_text())["config"] == {"min_core": 3, "max_history": 5}
+    assert json.loads(manifest_path.read_text())["config"] == {"min_core": 3, "max_history": 5, "truncate": False}
 
     (data / "shop" / "shop_images" / "b.png").write_bytes(b"png-b")  # new image: folder mtime moves
     os.utime(data / "shop" / "shop_images", ns=(time.time_ns() + 4_000_000_000,) * 2)

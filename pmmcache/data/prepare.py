@@ -1,8 +1,12 @@
 """Preparation: raw source -> k-core filtered, chronological, leave-one-out-ready dataset.
 
 A `PreparedDataset` holds one item index shared by every later stage (1..N, 0 = padding) and each
-user's sequence, oldest first, cut to its last `max_history + 1` items. Leave-one-out splits:
-train = seq[:-2]; valid = (seq[:-2] -> seq[-2]); test = (seq[:-1] -> seq[-1]).
+user's whole sequence, oldest first (`truncate=True` cuts it to its last `max_history + 1` items at
+preparation, as the released code does at load). Leave-one-out splits: train = seq[:-2];
+valid = (seq[:-2] -> seq[-2]); test = (seq[:-1] -> seq[-1]); every split keeps the last `max_history`
+items of a history, so training and evaluation see the same inputs either way. The whole sequence
+feeds what needs it: cold-start cases (every prefix ending in a cold item), training on every
+window of a long sequence, and item popularity.
 Item keys are `<source>/<raw item id>` and user keys `<source>/<raw user id>`, so sources combine
 without collisions.
 """
@@ -27,7 +31,7 @@ from pmmcache.data.images import ImageStore, open_image_store
 from pmmcache.data.readers import RawDataset
 from pmmcache.errors import ConfigError, DataError, PmmcacheError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: whole sequences by default (PrepareConfig.truncate)
 MIN_SEQUENCE = 3  # leave-one-out needs one training item, a validation target and a test target
 PROBLEM_EXAMPLES = 20  # problems listed by name in reports; the rest are only counted
 
@@ -49,7 +53,8 @@ class PrepareConfig:
     """How raw interactions become training sequences."""
 
     min_core: int = 5  # every kept user and item has at least this many interactions (0 = no filter)
-    max_history: int = 20  # items before the target; sequences keep their last max_history + 1
+    max_history: int = 20  # history items the splits keep before a target (the last ones)
+    truncate: bool = False  # True: store only the last max_history + 1 items (released code)
 
     def __post_init__(self):
         if self.min_core < 0:
@@ -64,7 +69,7 @@ class PreparedDataset:
 
     `items`: one row per item, ordered by `index` (1..N): key, source, text (null = none),
     image_store (position in `image_stores`, -1 = none), image_key (key inside that store).
-    `users`: key, source, items (list<int32>, oldest first, at most max_history + 1 long).
+    `users`: key, source, items (list<int32>, oldest first; at most max_history + 1 long if truncated).
     """
 
     name: str
@@ -144,6 +149,25 @@ class PreparedDataset:
         max_len = self.config.max_history if max_len is None else max_len
         values, starts, ends = self._sequences()
         return _left_padded(values, starts, ends - 2, max_len)
+
+    def train_windows(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every training sequence seq[:-2] cut into left-padded windows of `length` items, newest first.
+
+        Consecutive windows of a user overlap by one item (the first input of a later window is the
+        last item of an earlier one), so every training target is predicted exactly once, with at
+        most `length - 1` items of history. Returns windows (W, length) int32 and the row of the
+        user each window belongs to (W,).
+        """
+        if length < 2:
+            raise ConfigError(f"window length must be >= 2, got {length}")
+        values, starts, ends = self._sequences()
+        ends = ends - 2
+        counts = np.maximum(1, -(-(ends - starts - 1) // (length - 1)))  # windows per user
+        owners = np.repeat(np.arange(len(starts)), counts)
+        k = np.arange(len(owners)) - np.repeat(np.cumsum(counts) - counts, counts)  # window number, 0 = newest
+        window_ends = ends[owners] - k * (length - 1)
+        window_starts = np.maximum(starts[owners], window_ends - length)
+        return _left_padded(values, window_starts, window_ends, length), owners
 
     def train_item_counts(self) -> np.ndarray:
         """(N + 1,) int64: how often each index occurs in the training sequences (popularity)."""
@@ -351,7 +375,7 @@ def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDat
     ends = np.r_[cuts, len(order)].astype(np.int64) if len(order) else np.zeros(0, np.int64)
     long_enough = (ends - starts) >= MIN_SEQUENCE
     starts, ends = starts[long_enough], ends[long_enough]
-    cut_starts = np.maximum(starts, ends - (config.max_history + 1))
+    cut_starts = np.maximum(starts, ends - (config.max_history + 1)) if config.truncate else starts
     values = new_index[item_idx[order[_ranges(cut_starts, ends)]]]
     offsets = np.r_[0, np.cumsum(ends - cut_starts)].astype(np.int64)
     kept_users = sorted_users[starts]
@@ -392,6 +416,7 @@ def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDat
                     "interactions": int(keep.sum()),
                 },
                 "users_too_short": int((~long_enough).sum()),
+                "sequences_longer_than_history": int((ends - starts > config.max_history + 1).sum()),
                 "sequences_truncated": int((cut_starts > starts).sum()),
                 "prepared": {"users": len(kept_users), "items": len(catalogue), "interactions": int(values.size)},
                 "items_without_text": sum(t is None for t in texts),
