@@ -3,9 +3,11 @@
 Layout of `cache/<dataset>/<key>.h5` (row i = item index i of the prepared dataset; row 0 = padding):
 
     /keys             (N+1,)        item keys, "" for row 0
-    /text/states      (N+1, L, d)   float16, input of text block n-k      (absent for image-only data)
+    /text/states      (N+1, L, d)   float16 (or int8), input of text block n-k  (absent for image-only data)
+    /text/scale       (N+1, L)      float16 per-token scale, int8 caches only
     /text/mask        (N+1, L)      uint8 attention mask
-    /image/states     (N+1, P, d)   float16, input of vision block n-k    (absent for text-only data)
+    /image/states     (N+1, P, d)   float16 (or int8), input of vision block n-k (absent for text-only data)
+    /image/scale      (N+1, P)      float16 per-token scale, int8 caches only
     /modality         (N+1, 2)      uint8: [text usable, image usable]
     /flags            (N+1,)        uint8 bit field of problems (see FLAG_*)
     /done             (N+1,)        uint8: row fully written
@@ -17,6 +19,12 @@ every dataset is contiguous, allocated when the file is created, and then writte
 `np.memmap` at the dataset's byte offset. After creation no HDF5 metadata is ever modified, so a
 process killed at any moment leaves a readable file; a row counts only once its `done` byte is set,
 which happens after its states were written.
+
+int8 caches (`pmmcache extract --cache-dtype int8`) halve the file: each token row of d values is
+stored as int8 with one float16 scale, symmetric (x ~ q * scale, scale = max|x| / 127), and the
+reader dequantises to float16 on read, on the training device. The manifest records the dtype
+(`storage_dtype`); stage 2 does not compare it, so a model trained on a float16 cache reads an int8
+cache of the same encoders and vice versa.
 """
 from __future__ import annotations
 
@@ -60,8 +68,17 @@ class ArraySpec:
     dtype: str
 
 
-def cache_layout(num_rows: int, text: tuple[int, int] | None, image: tuple[int, int] | None) -> list[ArraySpec]:
-    """The datasets of a cache; `text` = (L, d) or None, `image` = (P, d) or None."""
+STATES_DTYPES = ("float16", "int8")  # how the states are stored (`storage_dtype` in the manifest)
+INT8_MAX = 127  # symmetric: -127..127, so that q and -q are both representable
+
+
+def cache_layout(num_rows: int, text: tuple[int, int] | None, image: tuple[int, int] | None,
+                 states_dtype: str = "float16") -> list[ArraySpec]:
+    """The datasets of a cache; `text` = (L, d) or None, `image` = (P, d) or None; states stored as
+    `states_dtype` (int8 adds a float16 scale per token row)."""
+    if states_dtype not in STATES_DTYPES:
+        raise PmmcacheError(f"cache states dtype {states_dtype!r}: use one of {', '.join(STATES_DTYPES)}")
+    scaled = states_dtype == "int8"
     specs = [
         ArraySpec("modality", (num_rows, 2), "uint8"),
         ArraySpec("flags", (num_rows,), "uint8"),
@@ -70,12 +87,36 @@ def cache_layout(num_rows: int, text: tuple[int, int] | None, image: tuple[int, 
     ]
     if text is not None:
         length, dim = text
-        specs += [ArraySpec("text/states", (num_rows, length, dim), "float16"),
+        specs += [ArraySpec("text/states", (num_rows, length, dim), states_dtype),
                   ArraySpec("text/mask", (num_rows, length), "uint8")]
+        specs += [ArraySpec("text/scale", (num_rows, length), "float16")] if scaled else []
     if image is not None:
         tokens, dim = image
-        specs += [ArraySpec("image/states", (num_rows, tokens, dim), "float16")]
+        specs += [ArraySpec("image/states", (num_rows, tokens, dim), states_dtype)]
+        specs += [ArraySpec("image/scale", (num_rows, tokens), "float16")] if scaled else []
     return specs
+
+
+def quantize_int8(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8: states (..., d) float -> (q (..., d) int8, scale (...) float16).
+
+    The scale is rounded to float16 first and q is computed with that rounded scale, so
+    `dequantize_int8(q, scale)` is off by at most scale / 2 per value (plus float16 rounding).
+    An all-zero row gets scale 0 and q = 0.
+    """
+    x = states.float()
+    scale = (x.abs().amax(dim=-1) / INT8_MAX).to(torch.float16)  # (...)
+    divisor = scale.float().unsqueeze(-1)
+    q = torch.where(divisor > 0, x / divisor.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(x))
+    return q.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q (..., d) int8, scale (...) float16 -> float16 states (..., d), on q's device.
+
+    The product of an int8 and a float16 is exact in float32, so the result (one rounding to
+    float16) is the same on every device."""
+    return (q.float() * scale.float().unsqueeze(-1)).to(torch.float16)
 
 
 def create_cache(path: Path, manifest: dict[str, Any], keys: list[str], layout: list[ArraySpec]) -> None:
@@ -221,7 +262,7 @@ def is_complete(path: Path) -> bool:
 class ItemStates:
     """Cached lower-block states for a batch of items (any leading shape S of the index tensor)."""
 
-    text: torch.Tensor | None  # (*S, L, d) float16
+    text: torch.Tensor | None  # (*S, L, d) float16 (int8 caches are dequantised on read)
     text_mask: torch.Tensor | None  # (*S, L) bool
     image: torch.Tensor | None  # (*S, P, d) float16
     modality: torch.Tensor  # (*S, 2) bool: [text usable, image usable]
@@ -249,7 +290,7 @@ class CacheReader:
                                 "rerun `pmmcache extract` with the same options to finish it")
         self.device = torch.device(device)
         layout = read_layout(self.path)
-        wanted = {"text/states", "text/mask", "image/states", "modality"}
+        wanted = {"text/states", "text/mask", "text/scale", "image/states", "image/scale", "modality"}
         self._maps = {spec.name: np.memmap(self.path, dtype=spec.dtype, mode="r", offset=offset, shape=spec.shape)
                       for spec, offset in _offsets(self.path, layout).items() if spec.name in wanted}
         self.num_rows = self._maps["modality"].shape[0]
@@ -275,6 +316,11 @@ class CacheReader:
     def has_image(self) -> bool:
         return "image/states" in self._maps
 
+    @property
+    def states_dtype(self) -> str:
+        """How the states are stored: "float16" or "int8" (dequantised to float16 by `get`)."""
+        return "int8" if any(name.endswith("/scale") for name in self._maps) else "float16"
+
     def _choose_storage(self, storage: Storage, gpu_fraction: float, ram_fraction: float) -> str:
         if storage != "auto":
             if storage == "gpu" and self.device.type != "cuda":
@@ -297,7 +343,7 @@ class CacheReader:
             out = {name: t.index_select(0, flat) for name, t in self._tensors.items()}
         else:
             rows = flat.cpu().numpy()
-            out = {name: torch.from_numpy(arr[rows]) for name, arr in self._arrays.items()}
+            out = {name: self._gather(arr, rows) for name, arr in self._arrays.items()}
 
         def shaped(name: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
             if name not in out:
@@ -306,5 +352,18 @@ class CacheReader:
             t = t.reshape(shape + tuple(t.shape[1:]))
             return t.to(dtype) if dtype is not None else t
 
-        return ItemStates(text=shaped("text/states"), text_mask=shaped("text/mask", torch.bool),
-                          image=shaped("image/states"), modality=shaped("modality", torch.bool))
+        def states(modality: str) -> torch.Tensor | None:
+            values, scale = shaped(f"{modality}/states"), shaped(f"{modality}/scale")
+            # int8 crosses to the device as int8 (half the bytes) and is dequantised there.
+            return dequantize_int8(values, scale) if scale is not None else values
+
+        return ItemStates(text=states("text"), text_mask=shaped("text/mask", torch.bool),
+                          image=states("image"), modality=shaped("modality", torch.bool))
+
+    def _gather(self, array: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        """Rows of a host array; into pinned memory when they go on to a GPU, so the copy is asynchronous."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(array[rows])
+        out = torch.empty((len(rows),) + array.shape[1:], dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
+        np.take(array, rows, axis=0, out=out.numpy())
+        return out

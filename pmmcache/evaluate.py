@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -74,17 +75,28 @@ def evaluate_splits(model: PMMRec, store: ItemStore, dataset: Any, splits: tuple
     results: dict[str, dict[str, float]] = {}
     for split in splits:
         histories, targets = dataset.split_arrays(split, max_len)
-        histories, targets = torch.from_numpy(histories).long(), torch.from_numpy(targets).long()
-        start, end = _shard(len(targets), accelerator)
-        users = user_vectors(model, table, histories[start:end], score_batch_size)
-        per_user = full_rank_metrics(users, table, targets[start:end].to(table.device),
-                                     histories[start:end].to(table.device), ks=ks,
-                                     batch_size=score_batch_size, mask_history=mask_history)
-        per_user = {name: _gather_shards(values, len(targets), accelerator) for name, values in per_user.items()}
-        results[split] = summarize(per_user)
+        results[split] = evaluate_cases(model, table, histories, targets, ks, mask_history, accelerator,
+                                        score_batch_size)
         results[split]["users"] = len(targets)
     model.train(was_training)
     return results
+
+
+@torch.no_grad()
+def evaluate_cases(model: PMMRec, table: torch.Tensor, histories: np.ndarray | torch.Tensor,
+                   targets: np.ndarray | torch.Tensor, ks: tuple[int, ...] = (10, 20, 50), mask_history: bool = True,
+                   accelerator: Accelerator | None = None, batch_size: int = 1024) -> dict[str, float]:
+    """Mean HR@k / NDCG@k of test cases (left-padded histories (C, L) -> targets (C,)) against `table`
+    (N + 1, d), full ranking; cases are sharded across processes and the per-case metrics gathered.
+    The model must already be in eval mode."""
+    histories, targets = torch.as_tensor(histories).long(), torch.as_tensor(targets).long()
+    start, end = _shard(len(targets), accelerator)
+    users = user_vectors(model, table, histories[start:end], batch_size)
+    per_case = full_rank_metrics(users, table, targets[start:end].to(table.device),
+                                 histories[start:end].to(table.device), ks=ks,
+                                 batch_size=batch_size, mask_history=mask_history)
+    per_case = {name: _gather_shards(values, len(targets), accelerator) for name, values in per_case.items()}
+    return summarize(per_case)
 
 
 def random_ranking_hr(num_items: int, k: int = 10) -> float:
@@ -100,27 +112,33 @@ def format_table(results: dict[str, dict[str, float]], ks: tuple[int, ...] = (10
     return "\n".join(lines)
 
 
+def load_run(run_dir: Path, dataset: str | None = None, mask_history: bool = True,
+             accelerator: Accelerator | None = None, storage: str | None = None) -> tuple[Any, Accelerator]:
+    """A trained run's best model, item store and dataset (`train.Setup`, model on the device, in eval
+    mode), rebuilt from its config.json; `dataset` evaluates on another dataset than the run's;
+    `storage` overrides where the cache is read from (memmap: no copy, for one pass over the items)."""
+    from pmmcache.runtime import use_cpu
+    from pmmcache.train import trained_setup
+
+    changes: dict[str, Any] = {"mask_history": mask_history}
+    if dataset:
+        changes["dataset"] = dataset
+    if storage:
+        changes["storage"] = storage
+    accelerator = accelerator or Accelerator(cpu=use_cpu())
+    s = trained_setup(Path(run_dir), accelerator.device, **changes)
+    s.model.to(accelerator.device).eval()
+    return s, accelerator
+
+
 def run_cli(run_dir: Path, dataset: str | None = None, mask_history: bool = True, output: Path | None = None,
-            show: bool = True) -> dict[str, Any]:
-    """`pmmcache eval --full-rank`: a run's best model on valid and test; prints a table, writes JSON."""
+            show: bool = True, loaded: tuple[Any, Accelerator] | None = None) -> dict[str, Any]:
+    """`pmmcache eval --full-rank`: a run's best model on valid and test; prints a table, writes JSON.
+    `loaded` is `load_run(run_dir, dataset, mask_history)`'s result when the caller has it already."""
     import json
 
-    from pmmcache.config import from_dict, load_file
-    from pmmcache.errors import PmmcacheError
-    from pmmcache.runtime import use_cpu
-    from pmmcache.train import TrainConfig, setup
-
-    config_path = run_dir / "config.json"
-    if not (run_dir / "best" / "config.json").is_file():
-        raise PmmcacheError(f"{run_dir} has no trained model (best/); train it first with `pmmcache train`")
-    data = load_file(config_path)
-    data.update({"init": str(run_dir), "resume": False, "mask_history": mask_history})
-    if dataset:
-        data["dataset"] = dataset
-    config = from_dict(TrainConfig, data)
-    accelerator = Accelerator(cpu=use_cpu())
-    s = setup(config, accelerator.device)
-    model = s.model.to(accelerator.device)
+    s, accelerator = loaded or load_run(run_dir, dataset, mask_history)
+    config, model = s.config, s.model
     results = evaluate_splits(model, s.store, s.dataset, ("valid", "test"), config.ks, config.max_len,
                               mask_history, accelerator)
     record = {"run": str(run_dir), "dataset": config.dataset, "mask_history": mask_history,

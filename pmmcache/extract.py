@@ -53,6 +53,8 @@ class ExtractConfig:
     num_workers: int = 2  # processes decoding images and tokenising, per extraction process
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of the lower blocks
+    # How states are stored: float16, or int8 with a float16 scale per token (half the size).
+    cache_dtype: Literal["float16", "int8"] = "float16"
     seed: int = 0  # seeds randomly initialised encoders
     force: bool = False  # rebuild a cache made with other settings
 
@@ -71,10 +73,12 @@ PAPER_DEFAULTS = {"text_encoder": "xlm-roberta-base", "vision_encoder": "ViT-B-3
 
 def dataset_defaults(dataset: str) -> dict[str, str]:
     base = dataset.split(",")[0].split("/")[0]
+    text = packaged_text_model_path()
     if base == "demo":
-        text = packaged_text_model_path()
         return {"text_encoder": str(text) if text else PAPER_DEFAULTS["text_encoder"],
                 "vision_encoder": "pmmcache-tiny-vit", "vision_weights": "random"}
+    if base == "ml-100k" and text:  # the offline MovieLens recipe: titles through the packaged MiniLM
+        return {**PAPER_DEFAULTS, "text_encoder": str(text)}
     return dict(PAPER_DEFAULTS)
 
 
@@ -131,7 +135,7 @@ def build_manifest(dataset: Any, text: TextEncoder | None, vision: VisionEncoder
         "item_order": "row i = item index i of the prepared dataset; row 0 = padding",
         "text": encoder_entry(text),
         "image": encoder_entry(vision),
-        "storage_dtype": "float16",
+        "storage_dtype": config.cache_dtype,  # compared on reuse; stage 2 reads either
         "compute_dtype": config.dtype,
         "created_by": {"pmmcache": getattr(pmmcache, "__version__", "0"), "torch": torch.__version__,
                        "transformers": transformers.__version__},
@@ -231,12 +235,22 @@ class ExtractResult:
 
 def run(config: ExtractConfig, show_progress: bool = True) -> ExtractResult:
     """Extract (or resume extracting) the cache for `config.dataset`; returns what was done."""
-    state = _process_state(config.device)
     dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir))
+    return extract_dataset(dataset, config, show_progress=show_progress)
+
+
+def extract_dataset(dataset: Any, config: ExtractConfig, path: Path | None = None, show_progress: bool = True,
+                    keep_modalities: bool = False) -> ExtractResult:
+    """Extract (or resume extracting) every item of a prepared `dataset` into the cache file `path`
+    (default: `config`'s place under cache_dir). `config.dataset` still picks the encoder defaults.
+    `keep_modalities` keeps a modality the items lack (flagged missing per item), for a cache that must
+    fit a model using it, e.g. new text-only items added to a trained text+image run."""
+    state = _process_state(config.device)
     text_spec, vision_spec = encoder_specs(config)
-    if text_spec is not None and not any(t and t.strip() for t in dataset.items.column("text").to_pylist()):
+    if not keep_modalities and text_spec is not None and not any(
+            t and t.strip() for t in dataset.items.column("text").to_pylist()):
         text_spec = None  # image-only data: the text modality is simply absent
-    if vision_spec is not None and not dataset.image_stores:
+    if not keep_modalities and vision_spec is not None and not dataset.image_stores:
         vision_spec = None  # text-only data
     if text_spec is None and vision_spec is None:
         raise PmmcacheError(f"dataset {config.dataset!r} has none of the modalities asked for ({','.join(config.modalities)})")
@@ -250,10 +264,11 @@ def run(config: ExtractConfig, show_progress: bool = True) -> ExtractResult:
     manifest = build_manifest(dataset, text, vision, config)
     text = text.to(device=device, dtype=dtype).eval() if text else None
     vision = vision.to(device=device, dtype=dtype).eval() if vision else None
-    path = cache_path(Path(config.cache_dir), config.dataset, cache_key(text_spec, vision_spec))
+    path = Path(path) if path is not None else cache_path(Path(config.cache_dir), config.dataset,
+                                                          cache_key(text_spec, vision_spec))
 
     if state.is_main_process:
-        _prepare_file(path, manifest, dataset, text, vision, force=config.force)
+        _prepare_file(path, manifest, dataset, text, vision, force=config.force, states_dtype=config.cache_dtype)
     state.wait_for_everyone()
     if cache_io.is_complete(path):
         if state.is_main_process and show_progress:
@@ -276,7 +291,7 @@ def run(config: ExtractConfig, show_progress: bool = True) -> ExtractResult:
     try:
         with torch.no_grad():
             for batch in loader:
-                writer.write(batch.rows, _encode(batch, text, vision, device))
+                writer.write(batch.rows, _encode(batch, text, vision, device, config.cache_dtype))
                 done += len(batch.rows)
                 progress.update(len(batch.rows) * state.num_processes)
     finally:
@@ -295,7 +310,7 @@ def run(config: ExtractConfig, show_progress: bool = True) -> ExtractResult:
 
 
 def _prepare_file(path: Path, manifest: dict, dataset: Any, text: TextEncoder | None, vision: VisionEncoder | None,
-                  force: bool) -> None:
+                  force: bool, states_dtype: str = "float16") -> None:
     """Create the cache file, or check that an existing one was made with the same settings."""
     if path.exists():
         try:
@@ -308,7 +323,8 @@ def _prepare_file(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
     layout = cache_io.cache_layout(
         dataset.num_items + 1,
         (text.spec.max_length, text.d_model) if text else None,
-        (vision.num_tokens, vision.d_model) if vision else None)
+        (vision.num_tokens, vision.d_model) if vision else None,
+        states_dtype)
     cache_io.create_cache(path, manifest, [""] + dataset.item_keys(), layout)
 
 
@@ -320,8 +336,16 @@ def _item_columns(dataset: Any) -> tuple[list[str | None], list[tuple[int, str |
     return texts, [(-1, None)] + list(zip(stores, keys))
 
 
+def _states_arrays(name: str, states: torch.Tensor, states_dtype: str) -> dict[str, np.ndarray]:
+    """`name/states` (and `name/scale` for int8) as stored; int8 is quantised on the encoding device."""
+    if states_dtype == "int8":
+        q, scale = cache_io.quantize_int8(states)
+        return {f"{name}/states": q.cpu().numpy(), f"{name}/scale": scale.cpu().numpy()}
+    return {f"{name}/states": states.to(torch.float16).cpu().numpy()}
+
+
 def _encode(batch: ItemBatch, text: TextEncoder | None, vision: VisionEncoder | None,
-            device: torch.device) -> dict[str, np.ndarray]:
+            device: torch.device, states_dtype: str = "float16") -> dict[str, np.ndarray]:
     """Lower-block states of one batch as the arrays the cache stores."""
     flags = batch.flags
     modality = np.zeros((len(batch.rows), 2), dtype=np.uint8)
@@ -330,13 +354,13 @@ def _encode(batch: ItemBatch, text: TextEncoder | None, vision: VisionEncoder | 
         ids = batch.input_ids.to(device)
         mask = batch.attention_mask.to(device)
         states = text.lower(ids, mask)  # (B, L, d)
-        out["text/states"] = states.to(torch.float16).cpu().numpy()
+        out.update(_states_arrays("text", states, states_dtype))
         out["text/mask"] = batch.attention_mask.to(torch.uint8).numpy()
         modality[:, 0] = (flags & cache_io.FLAG_TEXT_EMPTY) == 0
     if vision is not None:
         pixels = batch.pixels.to(device=device, dtype=next(vision.parameters()).dtype)
         states = vision.lower(pixels)  # (B, P, d)
-        out["image/states"] = states.to(torch.float16).cpu().numpy()
+        out.update(_states_arrays("image", states, states_dtype))
         modality[:, 1] = (flags & (cache_io.FLAG_IMAGE_MISSING | cache_io.FLAG_IMAGE_UNREADABLE)) == 0
     padding = batch.rows == 0
     if padding.any():  # row 0 is the padding item: all zeros, no modality, no problem flags

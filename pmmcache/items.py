@@ -84,3 +84,17 @@ class ItemStore:
             states.text = states.text[..., :length, :]
             states.text_mask = states.text_mask[..., :length]
         return states
+
+
+class IdItems:
+    """The "store" of an ID-based model: an item's input is its index (there is no cache to read)."""
+
+    def __init__(self, num_items: int):
+        self._num_items = num_items
+
+    @property
+    def num_items(self) -> int:
+        return self._num_items
+
+    def get(self, indices: torch.Tensor, trim_text: bool = True) -> torch.Tensor:
+        return indices.long()

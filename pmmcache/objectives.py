@@ -97,6 +97,37 @@ def dap_loss(
     return F.cross_entropy(logits[valid], target_columns[valid])
 
 
+def catalogue_dap_loss(
+    user_states: torch.Tensor,
+    catalogue: torch.Tensor,
+    item_ids: torch.Tensor,
+    log_popularity: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """DAP with every catalogue item as a candidate (cross-entropy over all items, as RecBole's SASRec).
+
+    Args:
+        user_states: (B, S, d) user-encoder outputs; state t predicts item t + 1 of `item_ids`.
+        catalogue: (N, d) vectors of items 1..N (row i - 1 is item i; padding is never a candidate).
+        item_ids: (B, S + 1) or (B, S) long ids of the sequence, 0 = padding.
+        log_popularity: optional (N + 1,) log popularity per item id, subtracted from each logit.
+        temperature: logits are dot products divided by this.
+
+    Returns:
+        Scalar mean cross-entropy over positions whose input and target are both non-padding.
+        Unlike `dap_loss`, a user's own other items stay candidates (RecBole does the same).
+    """
+    predicting = item_ids.shape[1] - 1
+    valid = (item_ids[:, :-1] != PADDING_ID) & (item_ids[:, 1:] != PADDING_ID)  # (B, S')
+    if not valid.any():
+        return (user_states.sum() + catalogue.sum()) * 0.0
+    queries = user_states[:, :predicting][valid].float()  # (V, d)
+    logits = queries @ catalogue.float().T / temperature  # (V, N)
+    if log_popularity is not None:
+        logits = logits - log_popularity.float()[1:]
+    return F.cross_entropy(logits, item_ids[:, 1:][valid] - 1)
+
+
 def nicl_loss(
     text_cls: torch.Tensor,
     image_cls: torch.Tensor,

@@ -30,22 +30,46 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pmmcache import cache as cache_io
+from pmmcache.batches import Prefetcher, prepare_batch, trim_padding
 from pmmcache.config import from_dict, to_dict, to_json
-from pmmcache.corruption import corrupt_sequences
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, VisionEncoder
 from pmmcache.errors import ConfigError, PmmcacheError
 from pmmcache.evaluate import evaluate_splits, format_table
-from pmmcache.items import ItemStore, default_cache_dataset, expected_manifest, find_cache
+from pmmcache.items import IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache
 from pmmcache.model import PMMRec, PMMRecConfig, build_pmmrec
 from pmmcache.model.pmmrec import read_parts_config
 from pmmcache.runtime import use_cpu
-from pmmcache.objectives import dap_loss, masked_mean_pool, nicl_loss, nid_loss, rcl_loss
+from pmmcache.objectives import catalogue_dap_loss, dap_loss, masked_mean_pool, nicl_loss, nid_loss, rcl_loss
+
+
+# Table VIII's ablations of pre-training, as the objective settings each one changes.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "no-nicl": {"nicl": 0.0},  # w/o NACL: no cross-modal contrastive term
+    "vcl-only": {"nicl_variant": "vcl"},  # only VCL (eq. 6): inter-modality negatives only
+    "icl-only": {"nicl_variant": "icl"},  # only ICL (eq. 7): no next-item positives
+    "no-nid": {"nid": 0.0},
+    "no-rcl": {"rcl": 0.0},
+}
+
+
+# Baselines of the paper's tables, as settings (dotted keys) trained by this same loop and evaluator.
+BASELINES: dict[str, dict[str, Any]] = {
+    # ID-based SASRec: one embedding per item, cross-entropy over all items (as RecBole trains it).
+    "sasrec": {"model.items": "id", "objectives.negatives": "catalogue"},
+    # MoRec++ (paper IV-B): multimodal towers, late fusion of the two pooled modalities, DAP only.
+    "morec++": {"model.item_tower.fusion": "concat", "objectives.nicl": 0, "objectives.nid": 0, "objectives.rcl": 0},
+}
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Loss weights (0 switches a term off) and their settings. Fine-tuning uses DAP only."""
+    """Loss weights (0 switches a term off) and their settings. Fine-tuning uses DAP only.
+
+    `ablation` names one of Table VIII's variants and overrides the settings it changes (see
+    ABLATIONS), so a saved config says both the variant and what it meant.
+    """
 
     dap: float = 1.0
     nicl: float = 1.0
@@ -58,6 +82,14 @@ class ObjectiveConfig:
     shuffle_fraction: float = 0.15
     replace_fraction: float = 0.05
     rcl_normalize: bool = True
+    # DAP candidates: "in_batch" = the paper's eq. 5 (items of the batch but the user's own);
+    # "catalogue" = every catalogue item, cross-entropy over all items (RecBole's SASRec).
+    negatives: Literal["in_batch", "catalogue"] = "in_batch"
+    ablation: Literal["none", "no-nicl", "vcl-only", "icl-only", "no-nid", "no-rcl"] = "none"
+
+    def __post_init__(self) -> None:
+        for name, value in ABLATIONS[self.ablation].items():
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True)
@@ -84,6 +116,13 @@ class TrainConfig:
     runs_dir: Path = Path("runs")
     run_name: str | None = None  # default: <stage>-<dataset>
     init: str | None = None  # a run directory (or its best/ folder) to start from
+    # What `init` transfers (paper III-E, Table V): "full" = item towers and user encoder; "item" =
+    # item towers (top blocks, projections, fusion), user encoder fresh; "user" = user encoder, item
+    # towers fresh from the original pretrained encoders.
+    transfer: Literal["full", "item", "user"] = "full"
+    # Item modalities of the model (text-only / vision-only settings); None = the model's (or init's).
+    # A single-modality model transfers only that modality's tower and needs only that modality's cache.
+    modalities: tuple[str, ...] | None = None
     encoders: EncoderChoice = field(default_factory=EncoderChoice)
     model: PMMRecConfig = field(default_factory=PMMRecConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -96,11 +135,15 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 on CUDA, else no
     max_len: int = 20  # sequence positions fed to the user encoder (history length)
+    # "last": each user's last max_len + 1 training items (released code); "all": every training
+    # sequence cut into windows of max_len + 1, so every training item is a target once (RecBole-like).
+    train_windows: Literal["last", "all"] = "last"
     select_metric: str = "NDCG@10"
     patience: int = 3  # epochs without improvement before stopping
     ks: tuple[int, ...] = (10, 20, 50)
     mask_history: bool = True
     storage: Literal["auto", "memmap", "ram", "gpu"] = "auto"
+    prefetch: bool = True  # prepare the next batch on a background thread while the step runs
     max_steps_per_epoch: int = 0  # 0 = the whole epoch
     seed: int = 42
     resume: bool = False
@@ -110,6 +153,9 @@ class TrainConfig:
             raise ConfigError("epochs must be >= 1 and batch_size >= 2 (in-batch negatives need other users)")
         if self.select_metric not in {f"{m}@{k}" for k in self.ks for m in ("HR", "NDCG")}:
             raise ConfigError(f"select_metric {self.select_metric!r} must be HR@k or NDCG@k with k in {self.ks}")
+        if self.modalities is not None and (not self.modalities or not set(self.modalities) <= {"text", "image"}
+                                            or len(set(self.modalities)) != len(self.modalities)):
+            raise ConfigError(f"modalities = {self.modalities}; name text and/or image, once each")
 
     @property
     def weights(self) -> dict[str, float]:
@@ -123,12 +169,19 @@ class TrainingStep(nn.Module):
     """One forward pass of the objectives; a module so that DDP sees the whole computation."""
 
     def __init__(self, model: PMMRec, objectives: ObjectiveConfig, weights: dict[str, float],
-                 log_popularity: torch.Tensor | None):
+                 log_popularity: torch.Tensor | None, catalogue: Any = None):
         super().__init__()
         self.model = model
         self.objectives = objectives
         self.weights = weights
         self.register_buffer("log_popularity", log_popularity, persistent=False)
+        # Inputs of items 1..N, for `negatives = "catalogue"`: their indices (ID model) or cached states.
+        if isinstance(catalogue, torch.Tensor):
+            self.register_buffer("catalogue", catalogue, persistent=False)
+        else:
+            self.catalogue = catalogue
+        if objectives.negatives == "catalogue" and catalogue is None:
+            raise ConfigError("objectives.negatives = catalogue needs the catalogue's item inputs")
 
     def forward(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates,
                 corrupted_inverse: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -143,7 +196,11 @@ class TrainingStep(nn.Module):
         # back from the most recent item, so the target must not be part of its input).
         inputs, input_padding = vectors[:, :-1], padding[:, :-1]
         user_states = self.model.encode_users(inputs, input_padding)  # (B, N - 1, d), causal
-        losses = {"dap": dap_loss(user_states, vectors, item_ids, self.log_popularity, o.temperature)}
+        if o.negatives == "catalogue":  # every item is a candidate: encode the whole catalogue
+            table = self.model.encode_items(self.catalogue).vector  # (N, d)
+            losses = {"dap": catalogue_dap_loss(user_states, table, item_ids, self.log_popularity, o.temperature)}
+        else:
+            losses = {"dap": dap_loss(user_states, vectors, item_ids, self.log_popularity, o.temperature)}
         if "nicl" in self.weights:
             if items.text_cls is None or items.image_cls is None:
                 raise ConfigError("NICL needs both modalities; set objectives.nicl = 0 for a single-modality model")
@@ -204,9 +261,10 @@ class Setup:
 
     config: TrainConfig
     dataset: Any
-    store: ItemStore
+    store: ItemStore | IdItems
     model: PMMRec
-    cache_path: Path
+    cache_path: Path | None  # None for an ID-based model (no cache)
+    transfer: dict[str, Any] | None = None  # what `init` loaded into which part (see `transfer_init`)
 
 
 def resolve_init_dir(init: str, runs_dir: Path) -> Path:
@@ -220,37 +278,98 @@ def resolve_init_dir(init: str, runs_dir: Path) -> Path:
 
 
 def with_init_model(config: TrainConfig) -> TrainConfig:
-    """With `init`, the architecture is the init run's (so its weights fit); say so in the config."""
-    if not config.init:
-        return config
-    init_config, _ = read_parts_config(resolve_init_dir(config.init, config.runs_dir))
-    model = {**to_dict(init_config), "nid_head": "nid" in config.weights}
-    asked = {**to_dict(config.model), "nid_head": model["nid_head"]}
-    if config.model != PMMRecConfig() and asked != model:
-        raise ConfigError(f"--init {config.init} fixes the model architecture; drop the model.* settings "
-                          "(they differ from the init run's)")
+    """The model config a run trains: with `init`, the init run's architecture (so its weights fit),
+    narrowed to `modalities` when given; the NID head only when NID is trained (DDP refuses
+    parameters without gradients). Idempotent, and recorded in the run's config."""
+    model = to_dict(config.model)
+    if config.init:
+        init_config, _ = read_parts_config(resolve_init_dir(config.init, config.runs_dir))
+        init_model = _narrowed(to_dict(init_config), config.modalities)
+        # nid_head follows the objectives and num_items 0 means "the dataset's": neither is an architecture choice.
+        asked = {**_narrowed(model, config.modalities), "nid_head": init_model["nid_head"],
+                 "num_items": model.get("num_items") or init_model["num_items"]}
+        if config.model != PMMRecConfig() and asked != init_model:
+            raise ConfigError(f"--init {config.init} fixes the model architecture; drop the model.* settings "
+                              "(they differ from the init run's)")
+        if config.modalities and not set(config.modalities) <= set(init_config.item_tower.modalities):
+            raise ConfigError(f"modalities {list(config.modalities)}: the init run {config.init} has only "
+                              f"{list(init_config.item_tower.modalities)}")
+        model = init_model
+    model = {**_narrowed(model, config.modalities), "nid_head": "nid" in config.weights}
     return from_dict(TrainConfig, {**to_dict(config), "model": model})
+
+
+def _narrowed(model: dict[str, Any], modalities: tuple[str, ...] | None) -> dict[str, Any]:
+    if not modalities:
+        return model
+    order = [m for m in ("text", "image") if m in modalities]
+    return {**model, "item_tower": {**model["item_tower"], "modalities": order}}
+
+
+# Which saved parts each transfer setting loads (paper III-E); the others start fresh.
+TRANSFER_PARTS = {"full": ("item_tower", "user_encoder"), "item": ("item_tower",), "user": ("user_encoder",)}
+
+
+def transfer_init(model: PMMRec, config: TrainConfig) -> dict[str, Any]:
+    """Load what `config.transfer` transfers from `config.init`; returns a record of what was loaded.
+
+    A single-modality model takes only its modality's tower from a multimodal run: the file's other
+    keys (the other tower, the fusion block) are listed as "not used". A key the model has and the
+    file lacks is always an error.
+    """
+    directory = resolve_init_dir(config.init, config.runs_dir)
+    parts = TRANSFER_PARTS[config.transfer]
+    reports = model.load_parts(directory, parts=parts, allow_unexpected=True)
+    loaded = {name: sorted(k for k in model.part(name).state_dict()) for name in parts}
+    return {"init": str(directory), "transfer": config.transfer, "loaded": loaded,
+            "fresh": [name for name in ("item_tower", "user_encoder") if name not in parts],
+            "not_used": {name: report.unexpected for name, report in reports.items() if report.unexpected}}
+
+
+def trained_setup(run_dir: Path, device: torch.device, **changes: Any) -> Setup:
+    """The best model of a finished run with its dataset and item store (for eval, recommend, export).
+
+    `changes` override config fields (e.g. dataset); the whole model always comes from `run_dir/best`.
+    """
+    from pmmcache.config import load_file
+
+    if not (Path(run_dir) / "best" / "config.json").is_file():
+        raise PmmcacheError(f"{run_dir} has no trained model (best/); train it first with `pmmcache train`")
+    data = load_file(Path(run_dir) / "config.json")
+    data.update({"init": str(run_dir), "transfer": "full", "resume": False, **changes})
+    return setup(from_dict(TrainConfig, data), device)
 
 
 def setup(config: TrainConfig, device: torch.device) -> Setup:
     config = with_init_model(config)
     dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir))
-    cache_dataset = config.cache_dataset or default_cache_dataset(config.dataset)
-    # The NID head exists only when NID is trained: DDP refuses parameters that get no gradient.
-    model_config = from_dict(PMMRecConfig, {**to_dict(config.model), "nid_head": "nid" in config.weights})
-    wanted = set(model_config.item_tower.modalities)
-    choice = from_dict(EncoderChoice, {**to_dict(config.encoders), "modalities": [m for m in ("text", "image") if m in wanted]})
-    text, vision = load_encoders(choice, cache_dataset)
-    path = find_cache(Path(config.cache_dir), cache_dataset, text, vision)
-    reader = cache_io.CacheReader(path, expected=expected_manifest(text, vision), storage=config.storage, device=device)
-    store = ItemStore(reader, dataset.item_keys())
+    model_config = config.model
     if model_config.user_encoder.max_len < config.max_len + 1:
         raise ConfigError(f"model.user_encoder.max_len ({model_config.user_encoder.max_len}) must be >= max_len + 1 "
                           f"({config.max_len + 1}): the training sequence holds the history and the target")
-    model = build_pmmrec(model_config, text, vision)
-    if config.init:
-        model.load_parts(resolve_init_dir(config.init, config.runs_dir), parts=("item_tower", "user_encoder"))
-    return Setup(config=config, dataset=dataset, store=store, model=model, cache_path=path)
+    if model_config.items == "id":
+        if model_config.num_items not in (0, dataset.num_items):
+            raise ConfigError(f"the ID embeddings {'of --init ' + config.init + ' ' if config.init else ''}are for "
+                              f"{model_config.num_items} items, dataset {config.dataset} has {dataset.num_items}; an "
+                              "ID-based model cannot transfer to another catalogue")
+        if model_config.num_items == 0:
+            model_config = from_dict(PMMRecConfig, {**to_dict(model_config), "num_items": dataset.num_items})
+        model = build_pmmrec(model_config, None, None)
+        store: ItemStore | IdItems = IdItems(dataset.num_items)
+        path = None
+    else:
+        cache_dataset = config.cache_dataset or default_cache_dataset(config.dataset)
+        wanted = set(model_config.item_tower.modalities)
+        choice = from_dict(EncoderChoice, {**to_dict(config.encoders),
+                                           "modalities": [m for m in ("text", "image") if m in wanted]})
+        text, vision = load_encoders(choice, cache_dataset)
+        path = find_cache(Path(config.cache_dir), cache_dataset, text, vision)
+        reader = cache_io.CacheReader(path, expected=expected_manifest(text, vision), storage=config.storage,
+                                      device=device)
+        store = ItemStore(reader, dataset.item_keys())
+        model = build_pmmrec(model_config, text, vision)
+    transfer = transfer_init(model, config) if config.init else None
+    return Setup(config=config, dataset=dataset, store=store, model=model, cache_path=path, transfer=transfer)
 
 
 def _mixed_precision(setting: str) -> str:
@@ -303,7 +422,10 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     ], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0)
-    step_module = TrainingStep(model, config.objectives, weights, log_pop)
+    catalogue = None
+    if config.objectives.negatives == "catalogue":  # inputs of items 1..N, encoded at every step
+        catalogue = store.get(torch.arange(1, store.num_items + 1))
+    step_module = TrainingStep(model, config.objectives, weights, log_pop, catalogue)
     step_module, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
@@ -314,7 +436,12 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
             if accelerator.is_main_process and show_progress:
                 print(f"resumed from {latest} (epoch {state.epoch} done)")
 
-    sequences = torch.from_numpy(dataset.train_sequences(config.max_len + 1)).long()  # (U, max_len + 1)
+    if config.train_windows == "all":  # (W, max_len + 1): every training target once
+        sequences = torch.from_numpy(dataset.train_windows(config.max_len + 1)[0]).long()
+    else:  # (U, max_len + 1): each user's last training items
+        sequences = torch.from_numpy(dataset.train_sequences(config.max_len + 1)).long()
+    if accelerator.is_main_process and s.transfer is not None:
+        _write_json(run_dir / "transfer.json", s.transfer)
     history = _read_history(run_dir, state.epoch)
     needs_corruption = "nid" in weights or "rcl" in weights
     unwrapped = accelerator.unwrap_model(step_module).model
@@ -330,16 +457,14 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         bar = tqdm(batches, desc=f"{config.stage} epoch {epoch + 1}/{config.epochs}", unit="step", dynamic_ncols=True,
                    disable=not (show_progress and accelerator.is_local_main_process), leave=False)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 7919 + accelerator.process_index)
-        for step, users in enumerate(bar):
-            ids = _trim_padding(sequences[torch.from_numpy(users)])  # (B, N)
-            unique, inverse = torch.unique(ids, return_inverse=True)
-            corrupted_inverse = labels = None
-            if needs_corruption:
-                corrupted, labels = corrupt_sequences(ids[:, :-1], config.objectives.shuffle_fraction,
-                                                      config.objectives.replace_fraction, generator)
-                corrupted_inverse = torch.searchsorted(unique, corrupted).to(accelerator.device)
-                labels = labels.to(accelerator.device)
-            states = store.get(unique)
+        corruption = ((config.objectives.shuffle_fraction, config.objectives.replace_fraction)
+                      if needs_corruption else None)
+        prepared = Prefetcher(batches, lambda users: prepare_batch(
+            sequences, users, store, accelerator.device, corruption, generator, trim=_trim_padding),
+            enabled=config.prefetch)
+        for step, (users, batch) in enumerate(zip(bar, prepared)):  # the batch is ready before its step
+            ids, inverse, states = batch.ids, batch.inverse, batch.states  # (B, N), (B, N), U unique items
+            corrupted_inverse, labels = batch.corrupted_inverse, batch.labels
             with accelerator.autocast():
                 losses = step_module(ids.to(accelerator.device), inverse.to(accelerator.device), states,
                                      corrupted_inverse, labels)
@@ -360,7 +485,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             sums["loss"] = sums.get("loss", 0.0) + loss_value
-            items_seen += int((ids > 0).sum()) * accelerator.num_processes
+            items_seen += batch.num_items * accelerator.num_processes
             bar.set_postfix(loss=f"{loss_value:.4f}", items_s=f"{items_seen / (time.perf_counter() - start):.0f}")
         bar.close()
         seconds = time.perf_counter() - start
@@ -400,11 +525,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     return TrainResult(run_dir=run_dir, best_epoch=state.best_epoch, metrics=final, history=history)
 
 
-def _trim_padding(ids: torch.Tensor) -> torch.Tensor:
-    """Drop leading columns that are padding in every row (left-padded batches of short users)."""
-    real = (ids > 0).any(0).nonzero()
-    first = int(real[0]) if len(real) else ids.shape[1] - 2
-    return ids[:, min(first, ids.shape[1] - 2):]
+_trim_padding = trim_padding  # looked up per batch: the resume test hooks it to kill a run mid-epoch
 
 
 # Settings a resumed run may change: how long it goes on, not what it trains.

@@ -120,3 +120,57 @@ def test_text_only_cache_has_no_image_fields(tmp_path):
 def test_missing_cache_says_to_extract(tmp_path):
     with pytest.raises(PmmcacheError, match="pmmcache extract"):
         cache_io.CacheReader(tmp_path / "absent.h5")
+
+
+def test_int8_quantisation_round_trip_is_within_half_a_step_per_token():
+    rng = np.random.default_rng(3)
+    states = torch.from_numpy(rng.standard_normal((6, 9, 48)).astype(np.float32)) * torch.logspace(-3, 2, 9)[:, None]
+    states[2, 4] = 0.0  # an all-zero token row (padding)
+    q, scale = cache_io.quantize_int8(states)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (6, 9)
+    assert int(q.abs().max()) == 127 and scale[2, 4] == 0 and not q[2, 4].any()
+    restored = cache_io.dequantize_int8(q, scale)
+    assert restored.dtype == torch.float16 and restored.shape == states.shape
+    error = (restored.float() - states).abs()
+    bound = 0.5 * scale.float()[..., None] * (1 + 1e-3) + states.abs() * 2 ** -10  # rounding to q + float16 output
+    assert (error <= bound).all()
+    assert float(error.max()) > 0  # it is lossy: the bound is what the test checks
+
+
+def make_int8_cache(path: Path, n: int = 10) -> dict[str, np.ndarray]:
+    layout = cache_io.cache_layout(n + 1, (L, D), (P, D), states_dtype="int8")
+    cache_io.create_cache(path, {"storage_dtype": "int8"}, [""] + [f"src/{i}" for i in range(1, n + 1)], layout)
+    rng = np.random.default_rng(1)
+    arrays = {"modality": np.ones((n + 1, 2), np.uint8), "flags": np.zeros(n + 1, np.uint8),
+              "text/mask": (rng.random((n + 1, L)) > 0.3).astype(np.uint8)}
+    for name, tokens in (("text", L), ("image", P)):
+        q, scale = cache_io.quantize_int8(torch.from_numpy(rng.standard_normal((n + 1, tokens, D)).astype(np.float32)))
+        arrays[f"{name}/states"], arrays[f"{name}/scale"] = q.numpy(), scale.numpy()
+    writer = cache_io.CacheWriter(path)
+    writer.write(np.arange(n + 1), arrays)
+    writer.mark_complete()
+    writer.close()
+    return arrays
+
+
+def test_int8_cache_reads_dequantised_and_the_same_from_memmap_and_ram(tmp_path):
+    path = tmp_path / "c.h5"
+    arrays = make_int8_cache(path)
+    with h5py.File(path, "r") as f:
+        assert f["text/states"].dtype == np.int8 and f["text/scale"].shape == (11, L) and f["text/scale"].chunks is None
+    index = torch.tensor([[3, 1, 3], [0, 10, 2]])
+    flat = index.reshape(-1).numpy()
+    got = {}
+    for storage in ("memmap", "ram"):
+        reader = cache_io.CacheReader(path, storage=storage)
+        assert reader.states_dtype == "int8"
+        got[storage] = reader.get(index)
+    for states in got.values():
+        assert states.text.dtype == torch.float16 and states.text.shape == (2, 3, L, D)
+        expected = cache_io.dequantize_int8(torch.from_numpy(arrays["image/states"][flat]),
+                                            torch.from_numpy(arrays["image/scale"][flat]))
+        assert torch.equal(states.image.reshape(-1, P, D), expected)
+        np.testing.assert_array_equal(states.text_mask.reshape(-1, L).numpy(), arrays["text/mask"][flat].astype(bool))
+    assert torch.equal(got["memmap"].text, got["ram"].text) and torch.equal(got["memmap"].image, got["ram"].image)
+    with pytest.raises(PmmcacheError, match="int4"):
+        cache_io.cache_layout(3, (L, D), None, states_dtype="int4")

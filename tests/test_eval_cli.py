@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pmmcache import train
 from pmmcache.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import METRICS, NUM_ITEMS, build_toy, train_config  # noqa: E402
+from test_train import KS, METRICS, NUM_ITEMS, build_toy, train_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,75 @@ def test_eval_of_a_directory_without_a_trained_model_is_a_one_line_error(tmp_pat
     result = CliRunner().invoke(main, ["eval", "--run", str(tmp_path)])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {tmp_path} has no trained model (best/); train it first with `pmmcache train`"
+
+
+# ------------------------------------------------------------------------------- --cold-start
+# Every toy item occurs 8 times, 6 of them in the training parts seq[:-2]: at threshold 6 no item is
+# cold, at 7 every item is, and every position but a user's first (39 users x 7) ends a case.
+
+
+def naive_cold_start_metrics(run_dir: Path, threshold: int) -> tuple[int, dict[str, float]]:
+    """Reference: ranks counted by hand one case at a time (history masked, ties pessimistic); the user
+    vectors come from one batched call of the model (its per-case equivalence is the model's tests')."""
+    import torch
+
+    from pmmcache.coldstart import cold_start_cases
+    from pmmcache.evaluate import item_table, load_run
+
+    s, _ = load_run(run_dir)
+    cases = cold_start_cases(s.dataset, threshold, s.config.max_len)
+    table = item_table(s.model, s.store)
+    sums = dict.fromkeys(METRICS, 0.0)
+    with torch.no_grad():
+        ids = torch.from_numpy(cases.histories).long()
+        users = s.model.user_vectors(table[ids], ids == 0)  # (C, d)
+        for history, target, user in zip(cases.histories.tolist(), cases.targets.tolist(), users):
+            scores = table @ user
+            others = torch.ones(len(table), dtype=torch.bool)  # candidates other than the target
+            others[[0, target, *history]] = False
+            rank = int((others & (scores >= scores[target])).sum())
+            for k in KS:
+                sums[f"HR@{k}"] += rank < k
+                sums[f"NDCG@{k}"] += (rank < k) / math.log2(rank + 2)
+    return cases.cases, {name: value / cases.cases for name, value in sums.items()}
+
+
+def test_cold_start_scores_every_prefix_ending_in_a_cold_item_like_a_naive_loop(trained_run):
+    result = invoke("--run", str(trained_run), "--cold-start", "--cold-threshold", "7")
+
+    record = json.loads((trained_run / "eval-cold-start.json").read_text())
+    cases, expected = naive_cold_start_metrics(trained_run, 7)
+    assert record["cases"] == cases == NUM_ITEMS * 7
+    assert record["cold_items"] == record["cold_targets"] == NUM_ITEMS
+    assert record["threshold"] == 7 and record["mask_history"] is True and record["items"] == NUM_ITEMS
+    assert record["config"] == json.loads((trained_run / "config.json").read_text())
+    assert record["metrics"] == pytest.approx(expected, abs=1e-6)
+    lines = result.stdout.splitlines()
+    assert not any(line.startswith(("valid", "test")) for line in lines)  # --cold-start alone: no full-rank
+    assert lines[0].split() == ["split", *METRICS]
+    assert lines[1].split() == ["cold", *(f"{record['metrics'][m]:.4f}" for m in METRICS)]
+    assert f"{NUM_ITEMS * 7} cold-start cases ending in {NUM_ITEMS} of {NUM_ITEMS} cold items (< 7" in result.stdout
+
+
+def test_cold_start_threshold_is_strict_and_the_pipeline_entry_point_returns_the_record(trained_run, tmp_path):
+    from pmmcache.coldstart import evaluate_run
+
+    warm = evaluate_run(trained_run, threshold=6, output=tmp_path / "warm.json")  # 6 occurrences: not cold
+    assert warm["cases"] == 0 and warm["cold_items"] == 0
+    record = evaluate_run(trained_run, threshold=7, mask_history=False, output=tmp_path / "cold.json")
+    assert record == json.loads((tmp_path / "cold.json").read_text())
+    assert record["mask_history"] is False and 0 <= record["metrics"]["HR@10"] <= 1
+    assert set(record["metrics"]) == set(METRICS)
+
+
+def test_full_rank_and_cold_start_together_write_both_and_output_needs_one_mode(trained_run, tmp_path):
+    for name in ("eval-full-rank.json", "eval-cold-start.json"):
+        (trained_run / name).unlink(missing_ok=True)
+    result = invoke("--run", str(trained_run), "--full-rank", "--cold-start", "--cold-threshold", "7")
+    assert (trained_run / "eval-full-rank.json").is_file() and (trained_run / "eval-cold-start.json").is_file()
+    assert [line.split()[0] for line in result.stdout.splitlines() if line.split()[0] in ("valid", "test", "cold")] \
+        == ["valid", "test", "cold"]
+
+    both = CliRunner().invoke(main, ["eval", "--run", str(trained_run), "--full-rank", "--cold-start",
+                                     "--output", str(tmp_path / "x.json")])
+    assert both.exit_code == 2 and "--output names one file" in both.stderr

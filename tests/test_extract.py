@@ -548,3 +548,56 @@ def test_reduced_precision_extraction_still_matches_the_fp32_encoders_stage_2_lo
     expected = expected_manifest(TextEncoder.load(text_spec), VisionEncoder.load(vision_spec))
     manifest = cache_io.check_manifest(result.path, expected)  # raises on a mismatch
     assert manifest["compute_dtype"] == "bfloat16" and manifest["text"]["dtype"] == "float32"
+
+
+# ------------------------------------------------------------------------------- int8 cache
+
+
+def test_int8_cache_is_half_the_size_reads_as_the_float16_one_and_resumes(baseline, toy_data, bert_dir, tmp_path,
+                                                                            monkeypatch):
+    config = toy_config(toy_data, tmp_path / "cache", bert_dir, cache_dtype="int8")
+    result = run(config, show_progress=False)
+    assert result.path.name == baseline.path.name  # same encoders, same file name; the dtype is in the manifest
+    with h5py.File(result.path, "r") as f:
+        assert f["text/states"].dtype == np.int8 and f["image/states"].dtype == np.int8
+        assert f["text/scale"].shape == f["text/mask"].shape and f["image/scale"].dtype == np.float16
+    states_bytes = {path: sum(mm.nbytes for name, mm in cache_io.CacheReader(path)._maps.items()
+                              if name.endswith(("states", "scale"))) for path in (result.path, baseline.path)}
+    assert states_bytes[result.path] < 0.6 * states_bytes[baseline.path]  # int8 + one scale per 32..64 values
+
+    int8, fp16 = cache_io.CacheReader(result.path), cache_io.CacheReader(baseline.path)
+    assert (int8.states_dtype, fp16.states_dtype) == ("int8", "float16")
+    assert int8.manifest["storage_dtype"] == "int8"
+    rows = torch.arange(NUM_ITEMS + 1)
+    got, want = int8.get(rows), fp16.get(rows)
+    assert got.text.dtype == torch.float16 and got.text.shape == want.text.shape
+    for a, b in ((got.text, want.text), (got.image, want.image)):  # error <= half a step of each token's scale
+        step = b.float().abs().amax(-1, keepdim=True) / 127
+        assert ((a.float() - b.float()).abs() <= 0.55 * step + 1e-3 * b.float().abs() + 1e-3).all()
+    assert torch.equal(got.text_mask, want.text_mask) and torch.equal(got.modality, want.modality)
+    # Stage 2 compares the encoders only: a model of the float16 cache's encoders reads the int8 cache.
+    cache_io.check_manifest(result.path, {name: fp16.manifest[name] for name in ("text", "image")})
+    # Re-extracting with the other dtype is a settings change: refused until forced.
+    with pytest.raises(CacheMismatchError, match="storage_dtype"):
+        run(toy_config(toy_data, tmp_path / "cache", bert_dir), show_progress=False)
+
+    # Resume: forget the last rows and completeness; a rerun encodes only those rows, to the same values.
+    before = all_rows(result.path)
+    writer = cache_io.CacheWriter(result.path)
+    writer.maps["done"][-7:] = 0
+    writer.maps["complete"][0] = 0
+    writer.close()
+    written: list[int] = []
+    original = cache_io.CacheWriter.write
+
+    def spy(self, rows, arrays):
+        written.extend(int(r) for r in rows)
+        original(self, rows, arrays)
+
+    monkeypatch.setattr(cache_io.CacheWriter, "write", spy)
+    resumed = run(config, show_progress=False)
+    assert sorted(written) == list(range(NUM_ITEMS + 1 - 7, NUM_ITEMS + 1)) and resumed.items == 7
+    after = all_rows(result.path)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    assert cache_io.is_complete(result.path)

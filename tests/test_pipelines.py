@@ -1,19 +1,31 @@
-"""Every shipped config file loads into the config it is written for, with no unknown or mistyped key."""
+"""Every shipped file in pipelines/ loads: plain settings files into the config they are written for,
+pipeline recipes (`recipe: 2`) into a Recipe whose every run's TrainConfig is built and checked."""
 from pathlib import Path
 
 import pytest
 
 from pmmcache.config import from_dict, load_file
 from pmmcache.demo_job import DemoJobConfig
+from pmmcache.pipeline import parse_recipe, plan
 from pmmcache.train import TrainConfig
 
-PIPELINES = sorted((Path(__file__).parent.parent / "pipelines").glob("*.yaml"))
+FILES = sorted((Path(__file__).parent.parent / "pipelines").glob("*.yaml"))
+TRAIN_CONFIGS = [p for p in FILES if "recipe" not in load_file(p)]
+RECIPES = [p for p in FILES if "recipe" in load_file(p)]
 
 
-@pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=[p.name for p in TRAIN_CONFIGS])
 def test_shipped_train_configs_load(path):
     config = from_dict(TrainConfig, load_file(path))
     assert config.dataset.startswith("demo/")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_load_and_plan(path, tmp_path):
+    recipe = parse_recipe(load_file(path), path)
+    runs = plan(recipe, tmp_path, source=str(path))
+    cells = sum(len(recipe.cell_datasets(c)) for c in recipe.cells)
+    assert len(runs) == (len(recipe.pretrain) + cells) * len(recipe.seeds)
 
 
 def test_demo_pretrain_file_matches_the_demo_job():

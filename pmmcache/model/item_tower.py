@@ -19,6 +19,8 @@ Choices (paper vs released code, ICDE24/PMMRec):
   item without an image gets its vector from its text and vice versa.
 - One modality only (paper III-E text-/vision-only): no fusion; the item vector is that
   modality's projected CLS ("cls") or the masked mean of its projected tokens ("mean", released).
+- `fusion = "concat"` is the MoRec++ baseline (paper IV-B): no token-level fusion; each modality is
+  pooled alone (its projected CLS or token mean) and one linear layer maps the concatenation to d.
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ class ItemTowerConfig:
     # Layer-norm placement in the fusion block: False = post-LN (BERT, the released code); True =
     # pre-LN, whose residual path starts as the plain token mean and trains faster from few steps.
     fusion_norm_first: bool = False
+    # "attention": PMMRec's merge-attention block over all tokens; "concat": MoRec++ late fusion.
+    fusion: Literal["attention", "concat"] = "attention"
 
     def __post_init__(self) -> None:
         if self.d_model < 1:
@@ -147,7 +151,9 @@ class ItemTower(nn.Module):
         if self.has_image:
             self.vision_top = vision_top
             self.vision_proj = nn.Linear(d_vision, d)
-        if config.fuses:
+        if config.fuses and config.fusion == "concat":
+            self.concat_fusion = nn.Linear(2 * d, d)
+        elif config.fuses:
             if config.pooling == "cls":
                 self.mm_cls = nn.Parameter(torch.empty(1, 1, d))
             self.fusion = nn.TransformerEncoderLayer(
@@ -171,7 +177,10 @@ class ItemTower(nn.Module):
             if proj is not None:
                 nn.init.xavier_normal_(proj.weight)
                 nn.init.zeros_(proj.bias)
-        if self.config.fuses:
+        if self.config.fuses and self.config.fusion == "concat":
+            nn.init.xavier_normal_(self.concat_fusion.weight)
+            nn.init.zeros_(self.concat_fusion.bias)
+        elif self.config.fuses:
             if self.config.pooling == "cls":
                 nn.init.normal_(self.mm_cls, std=0.02)
             for name, param in self.fusion.named_parameters():
@@ -275,16 +284,25 @@ class ItemTower(nn.Module):
             return fused[:, 0]
         return masked_mean(fused, keep)
 
+    def pool_modality(self, single: ModalityTokens) -> Tensor:
+        """One modality's vector (N, d): its projected CLS ("cls") or its masked token mean ("mean")."""
+        return single.tokens[:, 0] if self.config.pooling == "cls" else masked_mean(single.tokens, single.keep)
+
     # ---- the tower -----------------------------------------------------------------------------------
     def forward(self, states: ItemStates) -> ItemOutput:
         """Cached states of N items (flat, de-duplicated by the caller) -> ItemOutput."""
         text, image, usable = self.encode_modalities(states)
-        if self.config.fuses:
+        if self.config.fuses and self.config.fusion == "concat":
+            pooled = [self.pool_modality(m) if m is not None else None for m in (text, image)]
+            present = next(p for p in pooled if p is not None)
+            # A modality missing from the states counts as unusable: zeros, like an unusable one.
+            pooled = [p if p is not None else torch.zeros_like(present) for p in pooled]
+            vector = self.concat_fusion(torch.cat(pooled, dim=-1))  # (N, d)
+        elif self.config.fuses:
             tokens, keep = self.fusion_sequence(text, image)  # (N, T, d), (N, T)
             vector = self.pool(self.fuse(tokens, keep), keep)  # (N, d)
         else:
-            single = text if text is not None else image
-            vector = single.tokens[:, 0] if self.config.pooling == "cls" else masked_mean(single.tokens, single.keep)
+            vector = self.pool_modality(text if text is not None else image)
         return ItemOutput(
             vector=vector,
             text_cls=text.tokens[:, 0] if text is not None else None,

@@ -12,13 +12,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor, nn
 
 from pmmcache.cache import ItemStates
 from pmmcache.config import from_dict, to_dict
 from pmmcache.errors import ConfigError, PmmcacheError
+from pmmcache.model.id_tower import IdItemTower
 from pmmcache.model.item_tower import HEADS, ItemOutput, ItemTower, ItemTowerConfig
 from pmmcache.model.user_encoder import UserEncoder, UserEncoderConfig
 
@@ -38,8 +39,14 @@ class PMMRecConfig:
     item_tower: ItemTowerConfig = field(default_factory=ItemTowerConfig)
     user_encoder: UserEncoderConfig = field(default_factory=UserEncoderConfig)
     nid_head: bool = True  # the NID classifier (pre-training); fine-tuning does not need it
+    # "content": items from their text and image (PMMRec, MoRec++); "id": one learned embedding per
+    # item (the SASRec baseline; item_tower then only gives d_model).
+    items: Literal["content", "id"] = "content"
+    num_items: int = 0  # catalogue size of an "id" model (set from the dataset at training time)
 
     def __post_init__(self) -> None:
+        if self.num_items < 0:
+            raise ConfigError(f"num_items = {self.num_items}; must be >= 0 (0 = the dataset's)")
         if self.item_tower.d_model != self.user_encoder.d_model:
             raise ConfigError(
                 f"item_tower.d_model = {self.item_tower.d_model} and user_encoder.d_model = "
@@ -70,13 +77,17 @@ class PMMRec(nn.Module):
         super().__init__()
         self.config = config
         self.encoders = encoders or {}  # JSON-able record of the encoders the top blocks came from
-        self.item_tower = ItemTower(config.item_tower, text_top, vision_top, d_text=d_text, d_vision=d_vision)
+        if config.items == "id":
+            self.item_tower: ItemTower | IdItemTower = IdItemTower(config.num_items, config.item_tower.d_model)
+        else:
+            self.item_tower = ItemTower(config.item_tower, text_top, vision_top, d_text=d_text, d_vision=d_vision)
         self.user_encoder = UserEncoder(config.user_encoder)
         self.nid_head = nn.Linear(config.user_encoder.d_model, NID_CLASSES) if config.nid_head else None
 
     # ---- computation ---------------------------------------------------------------------------------
-    def encode_items(self, states: ItemStates) -> ItemOutput:
-        """Cached states of N items (flat) -> ItemOutput (vector, text_cls, image_cls, modality)."""
+    def encode_items(self, states: ItemStates | Tensor) -> ItemOutput:
+        """Cached states of N items (flat; item indices for an ID model) -> ItemOutput
+        (vector, text_cls, image_cls, modality)."""
         return self.item_tower(states)
 
     def encode_users(self, item_vectors: Tensor, padding_mask: Tensor) -> Tensor:
@@ -141,11 +152,13 @@ class PMMRec(nn.Module):
         directory: str | Path,
         parts: Sequence[str] = ("item_tower", "user_encoder"),
         strict: bool = True,
+        allow_unexpected: bool = False,
     ) -> dict[str, PartReport]:
         """Load the named parts from a `save_parts` directory; the other parts are left as they are.
 
         strict=True: any missing or unexpected key is a PmmcacheError naming them, raised before
-        any part is loaded. strict=False: matching keys are loaded and the disagreements are
+        any part is loaded; `allow_unexpected` lets the file hold keys this model does not have
+        (a single-modality model loading its tower from a multimodal run). strict=False: matching keys are loaded and the disagreements are
         returned for the caller to judge. A shape mismatch is always an error, also raised first.
         """
         from safetensors.torch import load_file
@@ -165,7 +178,7 @@ class PMMRec(nn.Module):
             if wrong_shape:
                 raise PmmcacheError(f"{path} does not fit this model's {name}: shapes differ for {_preview(wrong_shape)}")
             report = PartReport(missing=sorted(expected - set(tensors)), unexpected=sorted(set(tensors) - expected))
-            if strict and (report.missing or report.unexpected):
+            if strict and (report.missing or (report.unexpected and not allow_unexpected)):
                 raise PmmcacheError(
                     f"{path} does not fit this model's {name}: missing {_preview(report.missing)}; "
                     f"unexpected {_preview(report.unexpected)}")
@@ -203,6 +216,12 @@ def build_pmmrec(
     The top modules are copied, so the model owns (and trains) its blocks and the encoders stay as
     loaded. Pass an encoder exactly for each modality in `config.item_tower.modalities`.
     """
+    if config.items == "id":
+        if text_encoder is not None or vision_encoder is not None:
+            raise ConfigError("an ID-based model (items = id) uses no text or vision encoder")
+        if config.num_items < 1:
+            raise ConfigError("an ID-based model (items = id) needs num_items >= 1 (the catalogue size)")
+        return PMMRec(config).train()
     modalities = config.item_tower.modalities
     for name, modality, encoder in (("text", "text", text_encoder), ("vision", "image", vision_encoder)):
         if (modality in modalities) != (encoder is not None):

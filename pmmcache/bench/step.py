@@ -1,0 +1,168 @@
+"""Training-step benchmark: the stage-2 step on cached states vs the same model trained end to end.
+
+Every variant trains the same PMMRec (random encoders of `ModelSize`, top k blocks + fusion + user
+encoder) with the same objectives, batch (users x positions) and precision, in one process:
+
+- end_to_end: the released PMMRec code's way: the lower encoder blocks recomputed from token ids and
+  pixels (already on the device, no image decoding) for the batch's unique items every step;
+- cached_<storage>: `pmmcache.train`'s step on states read through `ItemStore` / `CacheReader` from
+  a memory map, RAM or GPU memory, with the batch prepared in the step (`plain`) or one step ahead
+  on a background thread (`prefetch`, what `pmmcache train` does);
+- compute_only: the same step with every batch already prepared on the device (no data path).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pmmcache import cache as cache_io
+from pmmcache.batches import Batch, Prefetcher, prepare_batch
+from pmmcache.bench.common import (ModelSize, bench_keys, build_encoders, build_model, default_size, gpu_peak_mb,
+                                   host_peak_rss_mb, machine, reset_gpu_peak, resolve_device, synchronize,
+                                   write_synthetic_cache)
+
+
+class RecomputingStore:
+    """`ItemStore.get` for the end-to-end baseline: states from the lower blocks, every call."""
+
+    def __init__(self, text: Any, vision: Any, token_ids: torch.Tensor, token_mask: torch.Tensor,
+                 pixels: torch.Tensor, autocast: Callable[[], Any]):
+        self.text, self.vision, self.autocast = text, vision, autocast
+        self.token_ids, self.token_mask, self.pixels = token_ids, token_mask, pixels  # on the device
+
+    def get(self, indices: torch.Tensor) -> cache_io.ItemStates:
+        index = indices.to(self.token_ids.device)
+        with torch.no_grad(), self.autocast():
+            text = self.text.lower(self.token_ids[index], self.token_mask[index])  # (U, L, d)
+            image = self.vision.lower(self.pixels[index % len(self.pixels)])  # (U, P, d)
+        modality = torch.ones(len(index), 2, dtype=torch.bool, device=index.device)
+        return cache_io.ItemStates(text=text, text_mask=self.token_mask[index].bool(), image=image, modality=modality)
+
+
+def train_step(step_module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
+               weights: dict[str, float], autocast: Callable[[], Any]) -> float:
+    """One optimizer step as `pmmcache.train.run` takes it (loss read back once per step)."""
+    with autocast():
+        losses = step_module(batch.ids, batch.inverse, batch.states, batch.corrupted_inverse, batch.labels)
+        loss = sum(weights[name] * value for name, value in losses.items())
+    value = loss.item()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return value
+
+
+def _autocast(device: torch.device, precision: str) -> Callable[[], Any]:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = None, warmup: int | None = None, rounds: int = 3,
+                   catalogue: int | None = None, device: str = "auto", precision: str = "auto",
+                   stage: str = "pretrain", storages: tuple[str, ...] | None = None, work_dir: str | None = None,
+                   seed: int = 0, **size_options: Any) -> dict[str, Any]:
+    """ms per step of each variant (see the module docstring) and their ratios; one JSON-able dict.
+
+    Each variant runs `rounds` times, the variants taking turns, `warmup` + `steps` steps each; a
+    variant's figure is the median over its rounds, so a load change on a shared machine hits all
+    variants alike instead of the one that happened to run then."""
+    from pmmcache.items import ItemStore
+    from pmmcache.train import ObjectiveConfig, TrainingStep
+
+    dev = resolve_device(device)
+    size = default_size(dev, **size_options)
+    precision = ("bf16" if dev.type == "cuda" else "fp32") if precision == "auto" else precision
+    steps = steps or (20 if dev.type == "cuda" else 5)
+    warmup = (2 if dev.type == "cuda" else 1) if warmup is None else warmup
+    catalogue = catalogue or (4000 if dev.type == "cuda" else 2000)
+    storages = storages or (("memmap", "ram") + (("gpu",) if dev.type == "cuda" else ()))
+    autocast = _autocast(dev, precision)
+    weights = {"dap": 1.0} if stage == "finetune" else {"dap": 1.0, "nicl": 1.0, "nid": 1.0, "rcl": 1.0}
+    corruption = (0.15, 0.05) if stage == "pretrain" else None
+
+    text, vision = build_encoders(size, seed)
+    model = build_model(size, text, vision, positions, nid_head="nid" in weights).to(dev)
+    text, vision = text.to(dev), vision.to(dev)  # the lower blocks, for the end-to-end baseline
+    step_module = TrainingStep(model, ObjectiveConfig(), weights, None).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    rng = np.random.default_rng(seed)
+    total = warmup + steps
+    sequences = torch.from_numpy(rng.integers(1, catalogue + 1, size=(users * total, positions)))  # (U, N), no padding
+
+    def users_of(step: int) -> np.ndarray:
+        return np.arange(step * users, (step + 1) * users)
+
+    def reading(store: Any) -> Callable[[torch.Generator], Callable[[int], Batch]]:
+        """Batches prepared from `store` the way `pmmcache train` prepares them."""
+        return lambda generator: lambda step: prepare_batch(sequences, users_of(step), store, dev, corruption, generator)
+
+    def timed(prepare_for: Callable[[torch.Generator], Callable[[int], Batch]], prefetch: bool) -> dict[str, Any]:
+        """ms per step over the timed steps (after `warmup` untimed ones), and the peak GPU memory."""
+        prepare = prepare_for(torch.Generator().manual_seed(seed))  # the same corruption in every variant
+        reset_gpu_peak(dev)
+        start = 0.0
+        for step, batch in enumerate(Prefetcher(range(total), prepare, enabled=prefetch)):
+            if step == warmup:
+                synchronize(dev)
+                start = time.perf_counter()
+            train_step(step_module, optimizer, batch, weights, autocast)
+        synchronize(dev)
+        return {"ms": round((time.perf_counter() - start) * 1e3 / steps, 2), "gpu_peak_mb": gpu_peak_mb(dev)}
+
+    variants: dict[str, tuple[Callable[[torch.Generator], Callable[[int], Batch]], bool]] = {}
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        path = Path(tmp) / "bench-step.h5"
+        write_synthetic_cache(path, catalogue, size.text_tokens, size.image_tokens, size.dim, seed=seed)
+        cache_mb = round(path.stat().st_size / 1e6, 1)
+
+        # End to end: token ids (every token real, as in the cache) and a pool of pixels, on the device.
+        token_ids = torch.from_numpy(rng.integers(5, size.vocab, size=(catalogue + 1, size.text_tokens))).to(dev)
+        pixels = torch.randn(min(catalogue + 1, 256), 3, size.image_size, size.image_size, device=dev)
+        recomputing = RecomputingStore(text, vision, token_ids, torch.ones_like(token_ids), pixels, autocast)
+        variants["end_to_end"] = (reading(recomputing), False)
+
+        prepared_ahead: list[Batch] = []
+        for storage in storages:
+            store = ItemStore(cache_io.CacheReader(path, storage=storage, device=dev), bench_keys(catalogue))
+            variants[f"cached_{storage}_plain"] = (reading(store), False)
+            variants[f"cached_{storage}_prefetch"] = (reading(store), True)
+            if not prepared_ahead:  # every batch's states on the device before the clock starts
+                prepare = reading(store)(torch.Generator().manual_seed(seed))
+                prepared_ahead = [prepare(step) for step in range(total)]
+        variants["compute_only"] = (lambda _: prepared_ahead.__getitem__, False)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, (prepare_for, prefetch) in variants.items():
+                runs[name].append(timed(prepare_for, prefetch))
+    figures = {name: {"ms": statistics.median(r["ms"] for r in done),
+                      "gpu_peak_mb": max((r["gpu_peak_mb"] or 0) for r in done) or None,
+                      "spread_ms": [min(r["ms"] for r in done), max(r["ms"] for r in done)]}
+               for name, done in runs.items()}
+
+    compute = figures["compute_only"]["ms"]
+    e2e = figures["end_to_end"]["ms"]
+    cached = {name: f["ms"] for name, f in figures.items() if name.startswith("cached_")}
+    return {
+        "bench": "step", "machine": machine(), "device": str(dev), "precision": precision, "stage": stage,
+        "losses": sorted(weights), "batch": {"users": users, "positions": positions, "items": users * positions},
+        "size": size.__dict__ | {"image_tokens": size.image_tokens}, "catalogue": catalogue, "cache_mb": cache_mb,
+        "steps_timed": steps, "rounds": rounds,
+        "spread_ms": {name: f["spread_ms"] for name, f in figures.items()},
+        "ms_per_step": {name: f["ms"] for name, f in figures.items()},
+        "gpu_peak_mb": {name: f["gpu_peak_mb"] for name, f in figures.items()} if dev.type == "cuda" else None,
+        "speedup_vs_end_to_end": {name: round(e2e / ms, 2) for name, ms in cached.items()}
+        | {"compute_only": round(e2e / compute, 2)},
+        "cached_vs_compute_only": {name: round(ms / compute, 3) for name, ms in cached.items()},
+        "host_peak_rss_mb": host_peak_rss_mb(),
+        "note": "random weights and synthetic states (speed does not depend on them); end to end recomputes the "
+                "lower blocks from token ids and pixels already on the device (no image decoding), for the "
+                "batch's unique items; cached_vs_compute_only = data-path overhead (1.0 = none)",
+    }
+

@@ -1,0 +1,235 @@
+"""Transfer settings (paper III-E, Table V), ablation switches (Table VIII) and the baselines that share
+PMMRec's loop and evaluator: SASRec with item IDs and MoRec++ (late-fusion multimodal towers).
+
+Runs reuse the tiny toy dataset and cache of test_train.py (2-block BERT + tiny ViT, d = 32).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pmmcache import train
+from pmmcache.config import from_dict, to_dict
+from pmmcache.corruption import corrupt_sequences
+from pmmcache.errors import ConfigError
+from pmmcache.extract import run as extract
+from pmmcache.objectives import catalogue_dap_loss
+from pmmcache.train import ObjectiveConfig, TrainConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import Toy, build_toy, extract_config, train_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Toy:
+    return build_toy(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture(scope="module")
+def source_run(toy, tmp_path_factory) -> Path:
+    """A multimodal pre-training run whose every part has moved away from its initial values."""
+    config = train_config(toy, tmp_path_factory.mktemp("runs"), "source", epochs=1, lr=1e-2)
+    return train.run(config, show_progress=False).run_dir
+
+
+def saved(run_dir: Path, part: str) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "best" / f"{part}.safetensors"))
+
+
+def assert_equal_to(module: torch.nn.Module, tensors: dict[str, torch.Tensor], keys: list[str]) -> None:
+    own = module.state_dict()
+    assert keys, "nothing to compare"
+    for key in keys:
+        assert torch.equal(own[key], tensors[key]), key
+
+
+def assert_differs_from(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    own = {k: v for k, v in module.state_dict().items() if k.startswith(prefix)}
+    assert own
+    assert any(not torch.equal(v, tensors[k]) for k, v in own.items() if v.is_floating_point()), prefix
+
+
+def finetune_setup(toy: Toy, source: Path, tmp_path: Path, **overrides) -> train.Setup:
+    config = train_config(toy, tmp_path, "target", stage="finetune", init=str(source), **overrides)
+    return train.setup(config, torch.device("cpu"))
+
+
+def test_full_transfer_loads_item_towers_and_user_encoder(toy, source_run, tmp_path):
+    s = finetune_setup(toy, source_run, tmp_path, transfer="full")
+    items, users = saved(source_run, "item_tower"), saved(source_run, "user_encoder")
+    assert_equal_to(s.model.item_tower, items, list(items))
+    assert_equal_to(s.model.user_encoder, users, list(users))
+    assert s.model.nid_head is None  # fine-tuning trains DAP only
+    assert s.transfer["loaded"].keys() == {"item_tower", "user_encoder"} and s.transfer["fresh"] == []
+
+
+def test_item_transfer_keeps_a_fresh_user_encoder(toy, source_run, tmp_path):
+    s = finetune_setup(toy, source_run, tmp_path, transfer="item")
+    items = saved(source_run, "item_tower")
+    assert_equal_to(s.model.item_tower, items, list(items))
+    assert_differs_from(s.model.user_encoder, saved(source_run, "user_encoder"), "")
+    assert s.transfer["fresh"] == ["user_encoder"]
+
+
+def test_user_transfer_takes_item_towers_from_the_original_encoders(toy, source_run, tmp_path):
+    s = finetune_setup(toy, source_run, tmp_path, transfer="user")
+    users = saved(source_run, "user_encoder")
+    assert_equal_to(s.model.user_encoder, users, list(users))
+    scratch = train.setup(train_config(toy, tmp_path, "scratch", stage="finetune"), torch.device("cpu")).model
+    tops = [k for k in scratch.item_tower.state_dict() if k.startswith(("text_top.", "vision_top."))]
+    assert_equal_to(s.model.item_tower, scratch.item_tower.state_dict(), tops)  # the pretrained encoders' blocks
+    assert_differs_from(s.model.item_tower, saved(source_run, "item_tower"), "text_top.")  # not the source run's
+
+
+@pytest.mark.parametrize("modality, prefixes", [("text", ("text_top.", "text_proj.")),
+                                                ("image", ("vision_top.", "vision_proj."))])
+def test_single_modality_transfer_loads_only_that_tower(modality, prefixes, toy, source_run, tmp_path):
+    s = finetune_setup(toy, source_run, tmp_path, modalities=[modality])
+    assert s.model.config.item_tower.modalities == (modality,)
+    own = list(s.model.item_tower.state_dict())
+    assert own and all(k.startswith(prefixes) for k in own)  # no other tower, no fusion block
+    assert_equal_to(s.model.item_tower, saved(source_run, "item_tower"), own)
+    assert_equal_to(s.model.user_encoder, saved(source_run, "user_encoder"), list(saved(source_run, "user_encoder")))
+    not_used = s.transfer["not_used"]["item_tower"]
+    assert any(k.startswith("fusion.") for k in not_used) and not any(k.startswith(prefixes) for k in not_used)
+
+
+def test_a_text_only_model_needs_only_the_text_cache(toy, source_run, tmp_path):
+    extract(from_dict(type(extract_config(toy)), {**to_dict(extract_config(toy, cache_dir=tmp_path / "cache")),
+                                                  "modalities": ["text"]}), show_progress=False)
+    assert len(list((tmp_path / "cache").rglob("*.h5"))) == 1
+    config = train_config(toy, tmp_path / "runs", "text-only", stage="finetune", init=str(source_run),
+                          modalities=["text"], cache_dir=str(tmp_path / "cache"), epochs=1)
+    result = train.run(config, show_progress=False)
+    assert result.metrics["test"]["users"] > 0
+    record = json.loads((result.run_dir / "transfer.json").read_text())
+    assert record["transfer"] == "full" and "vision_proj.weight" in record["not_used"]["item_tower"]
+
+
+def test_text_only_from_scratch_and_a_modality_the_init_lacks(toy, source_run, tmp_path):
+    scratch = train.setup(train_config(toy, tmp_path, "t", stage="finetune", modalities=["text"]), torch.device("cpu"))
+    assert scratch.model.config.item_tower.modalities == ("text",) and scratch.transfer is None
+    text_run = train.run(train_config(toy, tmp_path, "text-run", epochs=1, modalities=["text"],
+                                      objectives={"nicl": 0.0}), show_progress=False).run_dir
+    with pytest.raises(ConfigError, match="has only"):
+        finetune_setup(toy, text_run, tmp_path, modalities=["image"])
+
+
+# ------------------------------------------------------------------------------------------ ablations
+
+
+def step_losses(model: train.PMMRec, objectives: ObjectiveConfig, store, weights) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[1, 2, 3, 4], [0, 5, 6, 7], [8, 9, 10, 11]])
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    corrupted, labels = corrupt_sequences(ids[:, :-1], 0.3, 0.2, torch.Generator().manual_seed(0))
+    step = train.TrainingStep(model, objectives, weights, None)
+    return step(ids, inverse, store.get(unique), torch.searchsorted(unique, corrupted), labels)
+
+
+@pytest.mark.parametrize("ablation, terms, variant", [
+    ("none", {"dap", "nicl", "nid", "rcl"}, "nicl"),
+    ("no-nicl", {"dap", "nid", "rcl"}, "nicl"),
+    ("vcl-only", {"dap", "nicl", "nid", "rcl"}, "vcl"),
+    ("icl-only", {"dap", "nicl", "nid", "rcl"}, "icl"),
+    ("no-nid", {"dap", "nicl", "rcl"}, "nicl"),
+    ("no-rcl", {"dap", "nicl", "nid"}, "nicl"),
+])
+def test_ablation_switches_change_the_loss_terms(ablation, terms, variant, toy, tmp_path, monkeypatch):
+    config = train_config(toy, tmp_path, "ablation", objectives={"ablation": ablation})
+    assert config.objectives.nicl_variant == variant and set(config.weights) == terms
+    assert from_dict(TrainConfig, to_dict(config)) == config  # a saved ablation reloads as itself
+    variants = []
+    real = train.nicl_loss
+    monkeypatch.setattr(train, "nicl_loss", lambda *a, **k: variants.append(a[3]) or real(*a, **k))
+    s = train.setup(config, torch.device("cpu"))
+    losses = step_losses(s.model, config.objectives, s.store, config.weights)
+    assert set(losses) == terms and all(torch.isfinite(v) for v in losses.values())
+    assert variants == ([variant] if "nicl" in terms else [])
+
+
+# ------------------------------------------------------------------------------------------ baselines
+
+
+def test_catalogue_dap_loss_is_cross_entropy_over_every_item():
+    torch.manual_seed(0)
+    states, table = torch.randn(2, 3, 4), torch.randn(6, 4)
+    ids = torch.tensor([[0, 2, 5, 1], [3, 4, 6, 6]])
+    loss = catalogue_dap_loss(states, table, ids)
+    rows = [(0, 1, 5), (0, 2, 1), (1, 0, 4), (1, 1, 6), (1, 2, 6)]  # (user, position, target) with real input
+    expected = torch.stack([torch.nn.functional.cross_entropy((states[u, t] @ table.T)[None], torch.tensor([y - 1]))
+                            for u, t, y in rows]).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    log_pop = torch.log(torch.arange(1.0, 8.0))
+    assert not torch.allclose(catalogue_dap_loss(states, table, ids, log_pop), loss)
+
+
+def test_sasrec_id_baseline_trains_and_evaluates_in_the_same_loop(toy, tmp_path):
+    config = train_config(toy, tmp_path, "sasrec", stage="finetune", model={
+        "items": "id", "item_tower": {"d_model": 32, "fusion_heads": 2}, "user_encoder": {"d_model": 32}},
+        objectives={"negatives": "catalogue"}, train_windows="all", epochs=2, lr=1e-2)
+    result = train.run(config, show_progress=False)
+    parts = json.loads((result.run_dir / "best" / "config.json").read_text())["config"]
+    assert parts["items"] == "id" and parts["num_items"] == 39
+    assert set(saved(result.run_dir, "item_tower")) == {"embedding.weight"}
+    assert set(result.metrics) == {"valid", "test"} and result.metrics["test"]["users"] == 39
+    reloaded = train.trained_setup(result.run_dir, torch.device("cpu"))  # what eval / recommend / export load
+    assert torch.equal(reloaded.model.item_tower.embedding.weight, saved(result.run_dir, "item_tower")["embedding.weight"])
+    # Another catalogue (the toy without its last 9 items) cannot take the ID embeddings.
+    other = tmp_path / "other" / "toy"
+    shutil.copytree(toy.data_dir / "toy", other)
+    titles = other / "toy_items_texts.tsv"
+    titles.write_text("".join(titles.read_text().splitlines(keepends=True)[:30]))
+    with pytest.raises(ConfigError, match="cannot transfer to another catalogue"):
+        train.setup(train_config(toy, tmp_path, "x", stage="finetune", init=str(result.run_dir),
+                                 model={}, data_dir=str(other.parent), cache_dir=str(tmp_path / "other-cache")),
+                    torch.device("cpu"))
+
+
+def test_morec_plus_plus_fuses_pooled_modalities_with_one_linear_layer(toy, tmp_path):
+    config = train_config(toy, tmp_path, "morec", stage="finetune", model={
+        "item_tower": {"d_model": 32, "fusion_heads": 2, "fusion": "concat"}, "user_encoder": {"d_model": 32}})
+    s = train.setup(config, torch.device("cpu"))
+    tower = s.model.item_tower
+    names = {k.split(".")[0] for k in tower.state_dict()}
+    assert names == {"text_top", "text_proj", "vision_top", "vision_proj", "concat_fusion"}
+    out = tower(s.store.get(torch.arange(1, 6)))
+    expected = tower.concat_fusion(torch.cat([out.text_cls, out.image_cls], dim=-1))
+    assert torch.allclose(out.vector, expected, atol=1e-6)
+    assert train.run(config, show_progress=False).metrics["test"]["users"] == 39
+
+
+def test_training_windows_make_every_training_item_a_target(toy, tmp_path, monkeypatch):
+    sizes = []
+    real = train.epoch_batches
+    monkeypatch.setattr(train, "epoch_batches", lambda n, *a, **k: sizes.append(n) or real(n, *a, **k))
+    train.run(train_config(toy, tmp_path, "windows", train_windows="all", max_len=3, epochs=1,
+                           model={"item_tower": {"d_model": 32, "fusion_heads": 2},
+                                  "user_encoder": {"d_model": 32, "max_len": 4}}), show_progress=False)
+    assert sizes == [39 * 2]  # 6 training items per user: windows of 4 items, overlapping by one
+
+
+@pytest.mark.parametrize("args, check", [
+    (["--baseline", "sasrec"], lambda c: c.model.items == "id" and c.objectives.negatives == "catalogue"),
+    (["--baseline", "morec++", "--stage", "pretrain"],
+     lambda c: c.model.item_tower.fusion == "concat" and set(c.weights) == {"dap"}),
+    (["--baseline", "sasrec", "--set", "objectives.negatives=in_batch"], lambda c: c.objectives.negatives == "in_batch"),
+    (["--ablation", "vcl-only"], lambda c: c.objectives.nicl_variant == "vcl"),
+    (["--init", "runs/x", "--transfer", "user", "--modalities", "text"],
+     lambda c: c.transfer == "user" and c.modalities == ("text",)),
+])
+def test_train_cli_settings_for_baselines_ablations_and_transfer(args, check, monkeypatch):
+    from click.testing import CliRunner
+
+    from pmmcache.cli import main
+
+    seen = []
+    monkeypatch.setattr(train, "run", lambda config: seen.append(config))
+    result = CliRunner().invoke(main, ["train", *args])
+    assert result.exit_code == 0, result.output
+    assert check(seen[0])
