@@ -138,8 +138,11 @@ def extract(config_file: str | None, **options: Any) -> None:
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
 @click.option("--min-core", type=int, help="k-core filtering threshold.  [default: 5]")
 @click.option("--max-history", type=int, help="History items kept before each target.  [default: 20]")
+@click.option("--truncate", is_flag=True, default=None, help="Store only each user's last max-history + 1 items (released code).  [default: whole sequences]")
 def prepare(dataset: str, data_dir: str, cache_dir: str, **options: Any) -> None:
-    """Read a raw dataset, filter, split and index it; print its statistics."""
+    """Read a raw dataset, filter, split and index it; print its statistics.
+
+    The same settings reach extract and train as `--set data.min_core=3` (etc.)."""
     from pmmcache.data.prepare import PrepareConfig
     from pmmcache.data.registry import resolve_dataset
 

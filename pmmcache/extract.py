@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from pmmcache import cache as cache_io
 from pmmcache.config import to_dict
 from pmmcache.data.images import open_image_store
+from pmmcache.data.prepare import PrepareConfig
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, VisionEncoderSpec
 from pmmcache.encoders.hub import packaged_text_model_path
@@ -57,6 +58,7 @@ class ExtractConfig:
     cache_dtype: Literal["float16", "int8"] = "float16"
     seed: int = 0  # seeds randomly initialised encoders
     force: bool = False  # rebuild a cache made with other settings
+    data: PrepareConfig = field(default_factory=PrepareConfig)  # k-core etc.: which items the catalogue has
 
     def __post_init__(self) -> None:
         unknown = set(self.modalities) - {"text", "image"}
@@ -235,7 +237,7 @@ class ExtractResult:
 
 def run(config: ExtractConfig, show_progress: bool = True) -> ExtractResult:
     """Extract (or resume extracting) the cache for `config.dataset`; returns what was done."""
-    dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir))
+    dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir), config.data)
     return extract_dataset(dataset, config, show_progress=show_progress)
 
 

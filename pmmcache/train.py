@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from pmmcache import cache as cache_io
 from pmmcache.batches import Prefetcher, prepare_batch, trim_padding
 from pmmcache.config import from_dict, to_dict, to_json
+from pmmcache.data.prepare import PrepareConfig
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, VisionEncoder
 from pmmcache.errors import ConfigError, PmmcacheError
@@ -111,6 +112,7 @@ class TrainConfig:
     stage: Literal["pretrain", "finetune"] = "pretrain"
     dataset: str = "demo"  # comma-separated names combine sources (multi-source pre-training)
     cache_dataset: str | None = None  # which extracted cache to read; default: the dataset's base name
+    data: PrepareConfig = field(default_factory=PrepareConfig)  # how the dataset is prepared (k-core, history)
     data_dir: Path = Path("data")
     cache_dir: Path = Path("cache")
     runs_dir: Path = Path("runs")
@@ -342,7 +344,7 @@ def trained_setup(run_dir: Path, device: torch.device, **changes: Any) -> Setup:
 
 def setup(config: TrainConfig, device: torch.device) -> Setup:
     config = with_init_model(config)
-    dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir))
+    dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir), config.data)
     model_config = config.model
     if model_config.user_encoder.max_len < config.max_len + 1:
         raise ConfigError(f"model.user_encoder.max_len ({model_config.user_encoder.max_len}) must be >= max_len + 1 "

@@ -233,3 +233,9 @@ def test_train_cli_settings_for_baselines_ablations_and_transfer(args, check, mo
     result = CliRunner().invoke(main, ["train", *args])
     assert result.exit_code == 0, result.output
     assert check(seen[0])
+
+
+def test_preparation_settings_reach_training(toy, tmp_path):
+    """`data.*` (k-core, truncation) is part of the train config, so training sees the prepared copy it asks for."""
+    loose = train.setup(train_config(toy, tmp_path, "loose", data={"min_core": 0, "truncate": True}), torch.device("cpu"))
+    assert loose.dataset.config.min_core == 0 and loose.dataset.config.truncate  # not the defaults (5, False)
