@@ -539,7 +539,8 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
     if config.resume:
         if not config_path.is_file():
             raise PmmcacheError(f"--resume: no run at {run_dir} (no config.json)")
-        saved = json.loads(config_path.read_text())
+        # Through from_dict: settings added to TrainConfig after the run was made count as their defaults.
+        saved = to_dict(from_dict(TrainConfig, json.loads(config_path.read_text()), where=str(config_path)))
         current = to_dict(config)
         changed = sorted(k for k in saved.keys() | current.keys()
                          if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))

@@ -239,3 +239,14 @@ def test_preparation_settings_reach_training(toy, tmp_path):
     """`data.*` (k-core, truncation) is part of the train config, so training sees the prepared copy it asks for."""
     loose = train.setup(train_config(toy, tmp_path, "loose", data={"min_core": 0, "truncate": True}), torch.device("cpu"))
     assert loose.dataset.config.min_core == 0 and loose.dataset.config.truncate  # not the defaults (5, False)
+
+
+def test_a_run_made_before_a_setting_existed_resumes_with_that_setting_at_its_default(toy, tmp_path):
+    train.run(train_config(toy, tmp_path, "old", epochs=1), show_progress=False)
+    path = tmp_path / "old" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["data"], saved["model"]["items"]  # as written by a version without these settings
+    path.write_text(json.dumps(saved))
+    resumed = train.run(train_config(toy, tmp_path, "old", epochs=2, resume=True), show_progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert json.loads(path.read_text())["data"] == to_dict(train_config(toy, tmp_path, "old").data)
