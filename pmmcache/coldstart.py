@@ -9,8 +9,6 @@ item (`evaluate.evaluate_cases`), history masked by default.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import numpy as np
 from pmmcache.config import load_file
 from pmmcache.data.prepare import PreparedDataset, _left_padded, _ranges
 from pmmcache.errors import ConfigError
+from pmmcache.files import write_json
 
 DEFAULT_THRESHOLD = 10  # paper IV-A: "less than 10 occurrences"
 
@@ -88,9 +87,7 @@ def evaluate_run(run_dir: str | Path, threshold: int = DEFAULT_THRESHOLD, mask_h
               "items": s.store.num_items, "metrics": metrics, "config": load_file(run_dir / "config.json")}
     if accelerator.is_main_process:
         target = Path(output) if output else run_dir / "eval-cold-start.json"
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, target)
+        write_json(target, record)
         if show:
             print(format_table({"cold": metrics}, config.ks))
             print(f"{cases.cases} cold-start cases ending in {cases.cold_targets} of {cases.cold_items} cold items "

@@ -7,7 +7,6 @@ the main process creates the file first and marks it complete last.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import time
@@ -30,6 +29,7 @@ from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, VisionEncoderSpec
 from pmmcache.encoders.hub import packaged_text_model_path
 from pmmcache.errors import CacheMismatchError, ConfigError, PmmcacheError
+from pmmcache.files import write_json
 from pmmcache.runtime import use_cpu
 
 Modality = Literal["text", "image"]
@@ -389,9 +389,7 @@ def _finish(path: Path, dataset: Any) -> dict[str, int]:
     report = {"cache": path.name, "items": dataset.num_items, "item_problems": problems,
               "dataset_report": dataset.report}
     report_path = path.with_suffix(".report.json")
-    tmp = report_path.with_name(report_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, report_path)
+    write_json(report_path, report)
     writer.mark_complete()
     writer.close()
     counts = {name: len(keys_) for name, keys_ in problems.items()}

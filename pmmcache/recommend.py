@@ -28,6 +28,7 @@ import torch
 from pmmcache import cache as cache_io
 from pmmcache.config import from_dict, load_file, to_dict
 from pmmcache.errors import ConfigError, PmmcacheError
+from pmmcache.files import write_json
 from pmmcache.items import ItemStore
 
 CATALOGUE_DIR = "catalogue"
@@ -118,10 +119,7 @@ def read_registry(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _write_registry(run_dir: Path, entries: list[dict[str, Any]]) -> None:
-    path = registry_path(run_dir)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"format": REGISTRY_FORMAT, "entries": entries}, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(registry_path(run_dir), {"format": REGISTRY_FORMAT, "entries": entries})
 
 
 def _encoder_expectation(main_manifest: dict[str, Any], modalities: tuple[str, ...]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from pmmcache.data.prepare import PrepareConfig
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, VisionEncoder
 from pmmcache.errors import ConfigError, PmmcacheError
+from pmmcache.files import write_json, write_text_atomic
 from pmmcache.evaluate import evaluate_splits, format_table
 from pmmcache.items import IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache
 from pmmcache.model import PMMRec, PMMRecConfig, build_pmmrec
@@ -298,7 +299,10 @@ def with_init_model(config: TrainConfig) -> TrainConfig:
                               f"{list(init_config.item_tower.modalities)}")
         model = init_model
     model = {**_narrowed(model, config.modalities), "nid_head": "nid" in config.weights}
-    return from_dict(TrainConfig, {**to_dict(config), "model": model})
+    changes: dict[str, Any] = {"model": model}
+    if model.get("items") == "id":  # an ID model reads no cache: encoder settings mean nothing to it
+        changes["encoders"] = to_dict(EncoderChoice())
+    return from_dict(TrainConfig, {**to_dict(config), **changes})
 
 
 def _narrowed(model: dict[str, Any], modalities: tuple[str, ...] | None) -> dict[str, Any]:
@@ -385,12 +389,6 @@ def _run_dir(config: TrainConfig) -> Path:
     return Path(config.runs_dir) / name
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -443,7 +441,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     else:  # (U, max_len + 1): each user's last training items
         sequences = torch.from_numpy(dataset.train_sequences(config.max_len + 1)).long()
     if accelerator.is_main_process and s.transfer is not None:
-        _write_json(run_dir / "transfer.json", s.transfer)
+        write_json(run_dir / "transfer.json", s.transfer)
     history = _read_history(run_dir, state.epoch)
     needs_corruption = "nid" in weights or "rcl" in weights
     unwrapped = accelerator.unwrap_model(step_module).model
@@ -518,7 +516,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     final = evaluate_splits(unwrapped, store, dataset, ("valid", "test"), config.ks, config.max_len,
                             config.mask_history, accelerator)
     if accelerator.is_main_process:
-        _write_json(run_dir / "eval.json", {"best_epoch": state.best_epoch, "metrics": final,
+        write_json(run_dir / "eval.json", {"best_epoch": state.best_epoch, "metrics": final,
                                             "mask_history": config.mask_history, "dataset": config.dataset})
         if show_progress:
             print(format_table(final, config.ks))
@@ -549,17 +547,13 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
                                 "resume with the same options or start a new run (--run-name)")
         extended = {k: current[k] for k in RESUMABLE_CHANGES if k != "resume" and saved.get(k) != current[k]}
         if extended:  # e.g. more epochs: config.json keeps saying how the run is being trained
-            tmp = config_path.with_name("config.json.tmp")
-            tmp.write_text(json.dumps({**saved, **extended}, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, config_path)
+            write_json(config_path, {**saved, **extended})
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         raise PmmcacheError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                             "or choose another --run-name")
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = config_path.with_name("config.json.tmp")
-    tmp.write_text(to_json(config) + "\n")
-    os.replace(tmp, config_path)
+    write_text_atomic(config_path, to_json(config) + "\n")
 
 
 def _latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -586,7 +580,7 @@ def _save_epoch(accelerator: Accelerator, model: PMMRec, run_dir: Path, epoch: i
             tmp_best = run_dir / "best.tmp"
             shutil.rmtree(tmp_best, ignore_errors=True)
             model.save_parts(tmp_best)
-            _write_json(tmp_best / "metrics.json", record)
+            write_json(tmp_best / "metrics.json", record)
             shutil.rmtree(run_dir / "best", ignore_errors=True)
             os.replace(tmp_best, run_dir / "best")
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)

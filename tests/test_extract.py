@@ -150,6 +150,19 @@ def file_digest(path: Path) -> str:
 # ------------------------------------------------------------------------------- 1. round trip
 
 
+
+def record_written_rows(monkeypatch) -> list[int]:
+    """The rows every CacheWriter.write call from now on writes, in call order."""
+    written: list[int] = []
+    original = cache_io.CacheWriter.write
+
+    def spy(self, rows, arrays):
+        written.extend(int(r) for r in rows)
+        original(self, rows, arrays)
+
+    monkeypatch.setattr(cache_io.CacheWriter, "write", spy)
+    return written
+
 def test_cache_holds_the_lower_block_states_of_every_item_in_dataset_order(baseline, toy_data, bert_dir):
     assert baseline.items == NUM_ITEMS and not baseline.already_complete and baseline.problems == {}
     reader = cache_io.CacheReader(baseline.path, storage="memmap")
@@ -278,14 +291,7 @@ def test_interrupted_extraction_resumes_without_redoing_rows(sig, baseline, toy_
     writer.close()
     assert 0 < len(pending) <= NUM_ITEMS + 1 - 8
 
-    written: list[int] = []
-    original = cache_io.CacheWriter.write
-
-    def spy(self, rows, arrays):
-        written.extend(int(r) for r in rows)
-        original(self, rows, arrays)
-
-    monkeypatch.setattr(cache_io.CacheWriter, "write", spy)
+    written = record_written_rows(monkeypatch)
     result = run(toy_config(toy_data, cache_dir, bert_dir), show_progress=False)
     assert result.path == path and not result.already_complete
     assert result.items == int((pending > 0).sum())
@@ -587,14 +593,7 @@ def test_int8_cache_is_half_the_size_reads_as_the_float16_one_and_resumes(baseli
     writer.maps["done"][-7:] = 0
     writer.maps["complete"][0] = 0
     writer.close()
-    written: list[int] = []
-    original = cache_io.CacheWriter.write
-
-    def spy(self, rows, arrays):
-        written.extend(int(r) for r in rows)
-        original(self, rows, arrays)
-
-    monkeypatch.setattr(cache_io.CacheWriter, "write", spy)
+    written = record_written_rows(monkeypatch)
     resumed = run(config, show_progress=False)
     assert sorted(written) == list(range(NUM_ITEMS + 1 - 7, NUM_ITEMS + 1)) and resumed.items == 7
     after = all_rows(result.path)

@@ -174,6 +174,8 @@ def test_sasrec_id_baseline_trains_and_evaluates_in_the_same_loop(toy, tmp_path)
         "items": "id", "item_tower": {"d_model": 32, "fusion_heads": 2}, "user_encoder": {"d_model": 32}},
         objectives={"negatives": "catalogue"}, train_windows="all", epochs=2, lr=1e-2)
     result = train.run(config, show_progress=False)
+    run_config = json.loads((result.run_dir / "config.json").read_text())
+    assert run_config["encoders"] == to_dict(train.EncoderChoice())  # unused by an ID model: not part of what it is
     parts = json.loads((result.run_dir / "best" / "config.json").read_text())["config"]
     assert parts["items"] == "id" and parts["num_items"] == 39
     assert set(saved(result.run_dir, "item_tower")) == {"embedding.weight"}

@@ -23,7 +23,7 @@ import torch
 
 from pmmcache import cache as cache_io
 from pmmcache.batches import Batch, Prefetcher, prepare_batch
-from pmmcache.bench.common import (ModelSize, bench_keys, build_encoders, build_model, default_size, gpu_peak_mb,
+from pmmcache.bench.common import (bench_keys, build_encoders, build_model, default_size, gpu_peak_mb,
                                    host_peak_rss_mb, machine, reset_gpu_peak, resolve_device, synchronize,
                                    write_synthetic_cache)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any, Literal
 from pmmcache import train
 from pmmcache.config import from_dict, to_dict
 from pmmcache.errors import ConfigError, PmmcacheError
+from pmmcache.files import write_json
 from pmmcache.pipeline.recipe import PRETRAIN_DIR, Recipe, slug
 
 COLD_START_FILE = "eval-cold-start.json"
@@ -200,12 +200,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------ execution
 
 
@@ -252,7 +246,7 @@ def run_pipeline(recipe: Recipe, runs_root: Path, *, only: tuple[str, ...] = (),
         if run.cold_start is not None and evaluator is not None:
             _evaluate_cold_start(evaluator, run)
         if run.kind == "cell":
-            _write_json(run.run_dir / PIPELINE_FILE, {
+            write_json(run.run_dir / PIPELINE_FILE, {
                 "recipe": recipe.name, "cell": run.name, "dataset": run.dataset, "seed": run.seed,
                 "init": str(run.init_dir) if run.init_dir else None,
                 "init_fingerprint": init_fingerprint(run.init_dir) if run.init_dir else None})
