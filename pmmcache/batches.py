@@ -36,6 +36,9 @@ class Batch:
     corrupted_inverse: torch.Tensor | None  # (B, N - 1) corrupted inputs as positions among the unique items
     labels: torch.Tensor | None  # (B, N - 1) NID labels of the corrupted inputs
     num_items: int  # non-padding positions, counted on the host (no device sync for the progress bar)
+    predict: torch.Tensor | None = None  # (B, N - 1) bool: targets this batch trains on (None = all)
+    negative_ids: torch.Tensor | None = None  # (M,) uniform catalogue negatives (mixed negatives)
+    negative_inverse: torch.Tensor | None = None  # (M,) their positions among the unique items
 
 
 def trim_padding(ids: torch.Tensor) -> torch.Tensor:
@@ -55,22 +58,39 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def prepare_batch(sequences: torch.Tensor, users: np.ndarray, store: ItemStore, device: torch.device,
                   corruption: tuple[float, float] | None = None, generator: torch.Generator | None = None,
-                  trim: Callable[[torch.Tensor], torch.Tensor] = trim_padding) -> Batch:
+                  trim: Callable[[torch.Tensor], torch.Tensor] = trim_padding, predict: torch.Tensor | None = None,
+                  uniform_negatives: int = 0) -> Batch:
     """The batch of `users` (indices into `sequences` (U, N) of item indices, left-padded).
 
-    `corruption` = (shuffle fraction, replace fraction) for NID/RCL, or None; it draws from
-    `generator` (a host generator), so the same generator state gives the same batch.
+    `corruption` = (shuffle fraction, replace fraction) for NID/RCL, or None; `uniform_negatives`
+    items are drawn uniformly from the catalogue as extra DAP negatives (encoded with the batch's
+    own items). Both draw from `generator` (a host generator), so the same generator state gives the
+    same batch. `predict` (U, N - 1) bool marks the targets each sequence trains on.
     """
-    ids = trim(sequences[torch.from_numpy(np.asarray(users))])  # (B, N)
-    unique, inverse = torch.unique(ids, return_inverse=True)  # each item once: duplicates are encoded once
+    rows = torch.from_numpy(np.asarray(users))
+    ids = trim(sequences[rows])  # (B, N)
+    negative_ids = None
+    pool = ids.reshape(-1)
+    if uniform_negatives > 0:
+        negative_ids = torch.randint(1, store.num_items + 1, (uniform_negatives,), generator=generator)  # (M,)
+        pool = torch.cat([pool, negative_ids])
+    unique, inverse = torch.unique(pool, return_inverse=True)  # each item once: duplicates are encoded once
+    negative_inverse = None
+    if negative_ids is not None:
+        inverse, negative_inverse = inverse[: ids.numel()], to_device(inverse[ids.numel():], device)
+        negative_ids = to_device(negative_ids, device)
+    inverse = inverse.reshape(ids.shape)
     corrupted_inverse = labels = None
     if corruption is not None:
         corrupted, labels = corrupt_sequences(ids[:, :-1], corruption[0], corruption[1], generator)
         corrupted_inverse = to_device(torch.searchsorted(unique, corrupted), device)
         labels = to_device(labels, device)
+    if predict is not None:  # the same columns as the trimmed ids: the last N - 1 target slots
+        predict = to_device(predict[rows][:, predict.shape[1] - (ids.shape[1] - 1):], device)
     states = store.get(unique)
     return Batch(ids=to_device(ids, device), inverse=to_device(inverse, device), states=states,
-                 corrupted_inverse=corrupted_inverse, labels=labels, num_items=int((ids > 0).sum()))
+                 corrupted_inverse=corrupted_inverse, labels=labels, num_items=int((ids > 0).sum()),
+                 predict=predict, negative_ids=negative_ids, negative_inverse=negative_inverse)
 
 
 Item = TypeVar("Item")

@@ -15,7 +15,8 @@ import torch
 from accelerate import Accelerator
 
 from pmmcache.items import ItemStore
-from pmmcache.metrics import full_rank_metrics, summarize
+from pmmcache.metrics import (full_rank_metrics, popularity_diagnostics, popularity_percentiles, summarize,
+                              top_k_items)
 from pmmcache.model import PMMRec
 
 
@@ -72,31 +73,57 @@ def evaluate_splits(model: PMMRec, store: ItemStore, dataset: Any, splits: tuple
     was_training = model.training
     model.eval()
     table = item_table(model, store, item_batch_size, accelerator)
+    counts = torch.from_numpy(np.asarray(dataset.train_item_counts()))
     results: dict[str, dict[str, float]] = {}
     for split in splits:
         histories, targets = dataset.split_arrays(split, max_len)
         results[split] = evaluate_cases(model, table, histories, targets, ks, mask_history, accelerator,
-                                        score_batch_size)
+                                        score_batch_size, popularity=counts)
         results[split]["users"] = len(targets)
     model.train(was_training)
+    return results
+
+
+def popularity_ranking(dataset: Any, splits: tuple[str, ...] = ("valid", "test"), ks: tuple[int, ...] = (10, 20, 50),
+                       max_len: int | None = None, mask_history: bool = True) -> dict[str, dict[str, float]]:
+    """The same metrics for ranking every user's candidates by training popularity: the floor a
+    recommender must clear (a content model below it has learned less than item counts know)."""
+    counts = torch.from_numpy(np.asarray(dataset.train_item_counts())).float()  # (N + 1,)
+    results: dict[str, dict[str, float]] = {}
+    for split in splits:
+        histories, targets = (torch.as_tensor(a).long() for a in dataset.split_arrays(split, max_len))
+        users = torch.ones(len(targets), 1)  # every user scores item i as counts[i]
+        per_case = full_rank_metrics(users, counts[:, None], targets, histories, ks=ks, mask_history=mask_history)
+        results[split] = {**summarize(per_case), "users": len(targets)}
     return results
 
 
 @torch.no_grad()
 def evaluate_cases(model: PMMRec, table: torch.Tensor, histories: np.ndarray | torch.Tensor,
                    targets: np.ndarray | torch.Tensor, ks: tuple[int, ...] = (10, 20, 50), mask_history: bool = True,
-                   accelerator: Accelerator | None = None, batch_size: int = 1024) -> dict[str, float]:
+                   accelerator: Accelerator | None = None, batch_size: int = 1024,
+                   popularity: torch.Tensor | None = None) -> dict[str, float]:
     """Mean HR@k / NDCG@k of test cases (left-padded histories (C, L) -> targets (C,)) against `table`
     (N + 1, d), full ranking; cases are sharded across processes and the per-case metrics gathered.
-    The model must already be in eval mode."""
+    With `popularity` ((N + 1,) training counts) also PopPct@k and Coverage@k of the recommended
+    top k (`metrics.popularity_diagnostics`). The model must already be in eval mode."""
     histories, targets = torch.as_tensor(histories).long(), torch.as_tensor(targets).long()
     start, end = _shard(len(targets), accelerator)
     users = user_vectors(model, table, histories[start:end], batch_size)
-    per_case = full_rank_metrics(users, table, targets[start:end].to(table.device),
-                                 histories[start:end].to(table.device), ks=ks,
+    mine_histories = histories[start:end].to(table.device)
+    per_case = full_rank_metrics(users, table, targets[start:end].to(table.device), mine_histories, ks=ks,
                                  batch_size=batch_size, mask_history=mask_history)
     per_case = {name: _gather_shards(values, len(targets), accelerator) for name, values in per_case.items()}
-    return summarize(per_case)
+    summary = summarize(per_case)
+    if popularity is not None:
+        top = [top_k_items(users[i:i + batch_size].float() @ table.float().T, max(ks),
+                           mine_histories[i:i + batch_size] if mask_history else None)
+               for i in range(0, len(users), batch_size)]
+        mine = torch.cat(top) if top else torch.zeros(0, max(ks), dtype=torch.long, device=table.device)
+        everyone = _gather_shards(mine, len(targets), accelerator)  # (C, K)
+        summary.update(popularity_diagnostics(everyone, popularity_percentiles(popularity.cpu()),
+                                              table.shape[0] - 1, ks))
+    return summary
 
 
 def random_ranking_hr(num_items: int, k: int = 10) -> float:
@@ -104,11 +131,22 @@ def random_ranking_hr(num_items: int, k: int = 10) -> float:
     return min(1.0, k / num_items)
 
 
+def format_diagnostics(results: dict[str, dict[str, float]], k: int = 10) -> str:
+    """One line per split: how popular (percentile, 50 = catalogue mean) and how varied the top k are."""
+    lines = []
+    for split, metrics in results.items():
+        if f"PopPct@{k}" in metrics:
+            lines.append(f"{split}: top-{k} popularity percentile {metrics[f'PopPct@{k}']:.1f} "
+                         f"(catalogue mean 50), catalogue coverage@{k} {metrics[f'Coverage@{k}']:.3f}")
+    return "\n".join(lines)
+
+
 def format_table(results: dict[str, dict[str, float]], ks: tuple[int, ...] = (10, 20, 50)) -> str:
     names = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")]
-    lines = [f"{'split':<8}" + "".join(f"{n:>10}" for n in names)]
+    width = max([8] + [len(split) + 1 for split in results])
+    lines = [f"{'split':<{width}}" + "".join(f"{n:>10}" for n in names)]
     for split, metrics in results.items():
-        lines.append(f"{split:<8}" + "".join(f"{metrics.get(n, float('nan')):>10.4f}" for n in names))
+        lines.append(f"{split:<{width}}" + "".join(f"{metrics.get(n, float('nan')):>10.4f}" for n in names))
     return "\n".join(lines)
 
 
@@ -141,13 +179,15 @@ def run_cli(run_dir: Path, dataset: str | None = None, mask_history: bool = True
     config, model = s.config, s.model
     results = evaluate_splits(model, s.store, s.dataset, ("valid", "test"), config.ks, config.max_len,
                               mask_history, accelerator)
+    popular = popularity_ranking(s.dataset, ("valid", "test"), config.ks, config.max_len, mask_history)
     record = {"run": str(run_dir), "dataset": config.dataset, "mask_history": mask_history,
-              "items": s.store.num_items, "metrics": results,
+              "items": s.store.num_items, "metrics": results, "popularity_ranking": popular,
               "random_HR@10": random_ranking_hr(s.store.num_items, 10)}
     if accelerator.is_main_process:
         target = output or run_dir / "eval-full-rank.json"
         target.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if show:
-            print(format_table(results, config.ks))
+            print(format_table({**results, **{f"pop:{k}": v for k, v in popular.items()}}, config.ks))
+            print(format_diagnostics(results))
             print(f"{s.store.num_items} items, history {'masked' if mask_history else 'not masked'}; wrote {target}")
     return record

@@ -6,7 +6,8 @@ Item 0 is padding: it is never ranked. A user's history can be masked (PMMRec's 
     rank = #{candidates scoring above the target} + #{other candidates scoring equal to it}
 
 so ties are broken pessimistically (the target goes below every item it ties with) and the
-result does not depend on sort order. Candidates are all items except padding and masked
+result does not depend on sort order. A non-finite score (NaN from a diverged model or a corrupt
+cache) counts as -inf: such an item ranks last, and a NaN target scores a miss, never a hit. Candidates are all items except padding and masked
 history; the target itself is never masked, even when it is also in the history (a re-consumed
 item in leave-one-out), because a masked target would score a miss no matter what the model does.
 HR@k = [rank < k], NDCG@k = [rank < k] / log2(rank + 2) with one relevant item; a k at or above
@@ -52,6 +53,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Ten
         candidate.scatter_(1, exclude.long(), False)
     candidate.scatter_(1, targets[:, None], True)
 
+    scores = scores.nan_to_num(nan=float("-inf"))  # NaN compares false both ways: it would rank first
     target_score = scores.gather(1, targets[:, None])  # (U, 1)
     above = (candidate & (scores > target_score)).sum(1)
     tied = (candidate & (scores == target_score)).sum(1) - 1  # the target ties with itself
@@ -145,3 +147,54 @@ def full_rank_evaluate(
 ) -> dict[str, float]:
     """Mean HR@k / NDCG@k over all users; `full_rank_metrics` gives the per-user values."""
     return summarize(full_rank_metrics(user_vectors, item_table, targets, histories, ks, batch_size, mask_history))
+
+
+def popularity_percentiles(counts: torch.Tensor) -> torch.Tensor:
+    """(N + 1,) percentile of each item's training popularity in the catalogue, 0 (rarest) .. 100.
+
+    counts: (N + 1,) training occurrences, index 0 = padding (left out). Tied items share the mean
+    of their positions, so the catalogue average is 50 whatever the ties.
+    """
+    values = counts[1:].double()
+    n = values.numel()
+    order = values.argsort()
+    ranks = torch.empty(n, dtype=torch.float64)
+    ranks[order] = torch.arange(n, dtype=torch.float64)
+    # mean position of each tie group: average the ranks over equal values
+    unique, inverse = torch.unique(values, return_inverse=True)
+    mean_rank = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks)
+    mean_rank /= torch.bincount(inverse, minlength=len(unique)).double()
+    percent = mean_rank[inverse] / max(1, n - 1) * 100.0
+    return torch.cat([torch.zeros(1, dtype=torch.float64), percent]).float()
+
+
+def top_k_items(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """(U, k) long ids of each user's k best-scored items (padding and `exclude` (U, H) left out)."""
+    scores = scores.float().nan_to_num(nan=float("-inf")).clone()
+    scores[:, PADDING_ID] = float("-inf")
+    if exclude is not None:
+        scores.scatter_(1, exclude.long(), float("-inf"))
+        scores[:, PADDING_ID] = float("-inf")
+    return scores.topk(min(k, scores.shape[1] - 1), dim=1).indices
+
+
+def popularity_diagnostics(top_items: torch.Tensor, percentiles: torch.Tensor, num_items: int,
+                           ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """How popular, and how varied, the recommendations are.
+
+    Args:
+        top_items: (U, K) long, every user's recommended items, best first (K >= max(ks)).
+        percentiles: (N + 1,) popularity percentile per item (`popularity_percentiles`).
+        num_items: N, the catalogue size.
+
+    Returns:
+        "PopPct@k": mean popularity percentile of the recommended top k (50 = the catalogue's mean;
+        a popularity ranking scores near 100, a model that favours niche items far below 50);
+        "Coverage@k": share of the catalogue that appears in at least one user's top k.
+    """
+    out: dict[str, float] = {}
+    for k in ks:
+        top = top_items[:, :k]
+        out[f"PopPct@{k}"] = float(percentiles.to(top.device)[top].float().mean()) if top.numel() else float("nan")
+        out[f"Coverage@{k}"] = float(torch.unique(top).numel() / max(1, num_items)) if top.numel() else float("nan")
+    return out

@@ -9,6 +9,7 @@ same item in two other users' sequences) each count, as in the paper's sum over 
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -16,6 +17,17 @@ import torch.nn.functional as F
 
 PADDING_ID = 0
 NICL_VARIANTS = ("nicl", "icl", "vcl")
+
+
+def own_item_mask(item_ids: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+    """(B, M) bool: True where candidate m is one of user b's (non-padding) items.
+
+    Args:
+        item_ids: (B, N) long, 0 = padding.
+        candidate_ids: (M,) long ids of extra candidates.
+    """
+    own_items = item_ids.masked_fill(item_ids == PADDING_ID, -1)  # (B, N); -1 never matches an id
+    return (own_items[:, :, None] == candidate_ids[None, None, :]).any(dim=1)  # (B, M)
 
 
 def in_batch_negative_mask(item_ids: torch.Tensor) -> torch.Tensor:
@@ -32,10 +44,8 @@ def in_batch_negative_mask(item_ids: torch.Tensor) -> torch.Tensor:
     if item_ids.dim() != 2:
         raise ValueError(f"item_ids must be (B, N), got shape {tuple(item_ids.shape)}")
     candidates = item_ids.reshape(-1)  # (B*N,)
-    own_items = item_ids.masked_fill(item_ids == PADDING_ID, -1)  # (B, N); -1 never matches an id
     # (B, N, B*N) -> any over the user's positions; B*N is small (~700), so this stays cheap.
-    is_own = (own_items[:, :, None] == candidates[None, None, :]).any(dim=1)  # (B, B*N)
-    return ~is_own & (candidates != PADDING_ID)[None, :]
+    return ~own_item_mask(item_ids, candidates) & (candidates != PADDING_ID)[None, :]
 
 
 def dap_loss(
@@ -44,6 +54,9 @@ def dap_loss(
     item_ids: torch.Tensor,
     log_popularity: torch.Tensor | None = None,
     temperature: float = 1.0,
+    extra_vectors: torch.Tensor | None = None,
+    extra_ids: torch.Tensor | None = None,
+    predict: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense auto-regressive prediction (eq. 5): every position predicts the next item.
 
@@ -53,17 +66,25 @@ def dap_loss(
             the final target, as stage 2 calls it) or N = S (the paper's form: the last state has
             no target). State t is scored against item t + 1 of the same row.
         item_ids: (B, N) long ids of `item_vectors`, 0 = padding.
-        log_popularity: optional (num_items + 1,) log popularity per item id. When given, each
-            candidate's logit is reduced by it (logQ correction of the released code). Any constant
-            offset cancels in the softmax, so log counts and log probabilities act the same.
+        log_popularity: optional (num_items + 1,) log sampling probability per item id (log of its
+            share of the training occurrences; must sum to 1 over items 1..num_items). When given,
+            each negative's logit is reduced by the log of its item's expected number of copies in
+            the candidate pool (logQ correction; the released code has a variant of it), so the
+            sampled softmax estimates the full softmax instead of a popularity-discounted one.
         temperature: logits are dot products divided by this (paper: 1, raw dot products).
+        extra_vectors: optional (M, d) vectors of extra negatives drawn uniformly from the catalogue
+            (mixed negative sampling); with `log_popularity`, every negative of item j is corrected by
+            log(n p_j + M / num_items), its expected copies over both pools (n in-batch candidates).
+        extra_ids: (M,) long ids of `extra_vectors`; a user's own items are never its negatives.
+        predict: optional (B, N - 1) bool, which targets count (e.g. the new targets of overlapping
+            training windows); default: every target.
 
     Returns:
         Scalar: mean cross-entropy over positions t whose input item t and target item t + 1 are
-        both non-padding, i.e. 1 / (B (L-1)) with L = N in the paper's notation when nothing is
-        padded. Candidates are all B*N items of the batch, masked by `in_batch_negative_mask`
-        except the positive (the target at its own position). No ℓ2-normalisation: eq. 5 and the
-        released code use raw dot products h·e.
+        both non-padding (and `predict`), i.e. 1 / (B (L-1)) with L = N in the paper's notation when
+        nothing is padded. Candidates are all B*N items of the batch, masked by
+        `in_batch_negative_mask` except the positive (the target at its own position), plus the
+        extra candidates. No ℓ2-normalisation: eq. 5 and the released code use raw dot products h·e.
     """
     batch, steps, dim = user_states.shape
     length = item_vectors.shape[1]
@@ -73,25 +94,46 @@ def dap_loss(
         raise ValueError(f"item_ids must be {(batch, length)}, got {tuple(item_ids.shape)}")
     if length not in (steps, steps + 1):
         raise ValueError(f"item_vectors must have S or S + 1 positions (S = {steps}), got {length}")
+    if (extra_vectors is None) != (extra_ids is None):
+        raise ValueError("extra_vectors and extra_ids go together")
     predicting = length - 1  # states 0 .. N-2 each have a target
+    if predict is not None and predict.shape != (batch, predicting):
+        raise ValueError(f"predict must be {(batch, predicting)}, got {tuple(predict.shape)}")
     queries = user_states[:, :predicting].float()  # (B, N-1, d)
     candidates = item_vectors.reshape(batch * length, dim).float()  # (B*N, d)
 
     logits = queries @ candidates.T / temperature  # (B, N-1, B*N)
     candidate_ids = item_ids.reshape(-1)  # (B*N,)
-    if log_popularity is not None:
-        logits = logits - log_popularity.float()[candidate_ids]
+    negatives = in_batch_negative_mask(item_ids)  # (B, B*N)
 
     # Column of the positive for (u, t): item t + 1 of row u in the flattened batch.
     users = torch.arange(batch, device=item_ids.device)
     positions = torch.arange(predicting, device=item_ids.device)
     target_columns = users[:, None] * length + positions[None, :] + 1  # (B, N-1)
+    is_target = torch.zeros(batch, predicting, batch * length, dtype=torch.bool, device=item_ids.device)
+    is_target.scatter_(2, target_columns[:, :, None], True)  # (B, N-1, B*N)
 
-    allowed = in_batch_negative_mask(item_ids)[:, None, :].expand(batch, predicting, batch * length).clone()
-    allowed.scatter_(2, target_columns[:, :, None], True)  # (B, N-1, B*N)
-    logits = logits.masked_fill(~allowed, float("-inf"))
+    extra_count = len(extra_ids) if extra_ids is not None else 0
+    if log_popularity is not None:
+        # Each negative copy of item j stands for 1 / E[copies of j] of the catalogue's mass:
+        # E = n p_j over the n in-batch candidates, + M / num_items over M uniform draws. The
+        # positive is the label, not a draw: uncorrected (the released code also shifts it, which
+        # inflates popular targets once their other copies are masked as the user's own).
+        pool = max(1, int((candidate_ids != PADDING_ID).sum()))
+        uniform = extra_count / (len(log_popularity) - 1)
+        log_expected = torch.log(pool * log_popularity.float().exp() + uniform)  # (num_items + 1,)
+        logits = logits - torch.where(is_target, 0.0, log_expected[candidate_ids])
+    logits = logits.masked_fill(~(negatives[:, None, :] | is_target), float("-inf"))
+    if extra_vectors is not None:
+        extra = queries @ extra_vectors.float().T / temperature  # (B, N-1, M)
+        if log_popularity is not None:
+            extra = extra - log_expected[extra_ids]
+        extra = extra.masked_fill(own_item_mask(item_ids, extra_ids)[:, None, :], float("-inf"))
+        logits = torch.cat([logits, extra], dim=2)  # (B, N-1, B*N + M)
 
     valid = (item_ids[:, :-1] != PADDING_ID) & (item_ids[:, 1:] != PADDING_ID)  # (B, N-1)
+    if predict is not None:
+        valid = valid & predict.to(valid.device)
     if not valid.any():
         return (user_states.sum() + item_vectors.sum()) * 0.0
     return F.cross_entropy(logits[valid], target_columns[valid])
@@ -103,6 +145,7 @@ def catalogue_dap_loss(
     item_ids: torch.Tensor,
     log_popularity: torch.Tensor | None = None,
     temperature: float = 1.0,
+    predict: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DAP with every catalogue item as a candidate (cross-entropy over all items, as RecBole's SASRec).
 
@@ -110,8 +153,10 @@ def catalogue_dap_loss(
         user_states: (B, S, d) user-encoder outputs; state t predicts item t + 1 of `item_ids`.
         catalogue: (N, d) vectors of items 1..N (row i - 1 is item i; padding is never a candidate).
         item_ids: (B, S + 1) or (B, S) long ids of the sequence, 0 = padding.
-        log_popularity: optional (N + 1,) log popularity per item id, subtracted from each logit.
+        log_popularity: optional (N + 1,) log popularity per item id, subtracted from each logit
+            (the full softmax needs no sampling correction: stage 2 passes None).
         temperature: logits are dot products divided by this.
+        predict: optional (B, S) bool, which targets count; default: every target.
 
     Returns:
         Scalar mean cross-entropy over positions whose input and target are both non-padding.
@@ -119,6 +164,8 @@ def catalogue_dap_loss(
     """
     predicting = item_ids.shape[1] - 1
     valid = (item_ids[:, :-1] != PADDING_ID) & (item_ids[:, 1:] != PADDING_ID)  # (B, S')
+    if predict is not None:
+        valid = valid & predict.to(valid.device)
     if not valid.any():
         return (user_states.sum() + catalogue.sum()) * 0.0
     queries = user_states[:, :predicting][valid].float()  # (V, d)

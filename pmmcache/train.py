@@ -37,7 +37,7 @@ from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, VisionEncoder
 from pmmcache.errors import ConfigError, PmmcacheError
 from pmmcache.files import write_json, write_text_atomic
-from pmmcache.evaluate import evaluate_splits, format_table
+from pmmcache.evaluate import evaluate_splits, format_diagnostics, format_table, popularity_ranking
 from pmmcache.items import IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache
 from pmmcache.model import PMMRec, PMMRecConfig, build_pmmrec
 from pmmcache.model.pmmrec import read_parts_config
@@ -79,19 +79,36 @@ class ObjectiveConfig:
     rcl: float = 1.0
     nicl_variant: Literal["nicl", "icl", "vcl"] = "nicl"  # VCL (eq. 6) / ICL (eq. 7) for ablation
     nicl_next_in_denominator: bool = False  # False: eq. 8 as printed
-    temperature: float = 1.0  # paper: exp(a.b), i.e. 1
-    logq: bool = False  # released code: subtract log popularity from every DAP logit
+    temperature: float = 1.0  # NICL and RCL: exp(a.b / temperature) on unit vectors; paper: 1
+    # DAP logits are h.e / dap_temperature. None = automatic: sqrt(d) for content items (scaled dot
+    # product: post-LN vectors have norm ~sqrt(d), so raw logits have std ~sqrt(d) and the loss
+    # starts saturated, 87 instead of ln #candidates at d = 768), 1 for ID items (RecBole: their
+    # N(0, 0.02) embeddings start small). 1 = the paper's raw dot product.
+    dap_temperature: float | None = None
+    # logQ correction of sampled negatives (released code): in-batch candidates are drawn in
+    # proportion to popularity, and without it the model learns a popularity-discounted score. It
+    # applies to "in_batch" and "mixed"; the full softmax ("catalogue") needs none. False = eq. 5 as printed.
+    logq: bool = True
     shuffle_fraction: float = 0.15
     replace_fraction: float = 0.05
     rcl_normalize: bool = True
     # DAP candidates: "in_batch" = the paper's eq. 5 (items of the batch but the user's own);
-    # "catalogue" = every catalogue item, cross-entropy over all items (RecBole's SASRec).
-    negatives: Literal["in_batch", "catalogue"] = "in_batch"
+    # "mixed" = those plus `uniform_negatives` items drawn uniformly from the catalogue per step;
+    # "catalogue" = every catalogue item, cross-entropy over all items (RecBole's SASRec; with k = 0
+    # the content item table is cheap enough for small catalogues).
+    negatives: Literal["in_batch", "mixed", "catalogue"] = "in_batch"
+    uniform_negatives: int = 256
     ablation: Literal["none", "no-nicl", "vcl-only", "icl-only", "no-nid", "no-rcl"] = "none"
 
     def __post_init__(self) -> None:
         for name, value in ABLATIONS[self.ablation].items():
             object.__setattr__(self, name, value)
+        if self.dap_temperature is not None and self.dap_temperature <= 0:
+            raise ConfigError(f"objectives.dap_temperature = {self.dap_temperature}; must be positive (or unset)")
+        if self.temperature <= 0:
+            raise ConfigError(f"objectives.temperature = {self.temperature}; must be positive")
+        if self.uniform_negatives < 1:
+            raise ConfigError(f"objectives.uniform_negatives = {self.uniform_negatives}; must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,11 @@ class TrainConfig:
     # "last": each user's last max_len + 1 training items (released code); "all": every training
     # sequence cut into windows of max_len + 1, so every training item is a target once (RecBole-like).
     train_windows: Literal["last", "all"] = "last"
+    # With train_windows = all: windows start every `train_window_stride` items (0 = max_len: no
+    # overlap). Each target still counts once, in the window where it has the longest history, so a
+    # smaller stride gives targets more history (1: all max_len items, as RecBole's prefixes) at the
+    # cost of ~max_len / stride times more windows per epoch.
+    train_window_stride: int = 0
     select_metric: str = "NDCG@10"
     patience: int = 3  # epochs without improvement before stopping
     ks: tuple[int, ...] = (10, 20, 50)
@@ -154,6 +176,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
             raise ConfigError("epochs must be >= 1 and batch_size >= 2 (in-batch negatives need other users)")
+        if not 0 <= self.train_window_stride <= self.max_len:
+            raise ConfigError(f"train_window_stride = {self.train_window_stride}; must be in [1, max_len = "
+                              f"{self.max_len}] (or 0 for max_len)")
+        if self.train_window_stride and self.train_windows != "all":
+            raise ConfigError("train_window_stride needs train_windows = all")
         if self.select_metric not in {f"{m}@{k}" for k in self.ks for m in ("HR", "NDCG")}:
             raise ConfigError(f"select_metric {self.select_metric!r} must be HR@k or NDCG@k with k in {self.ks}")
         if self.modalities is not None and (not self.modalities or not set(self.modalities) <= {"text", "image"}
@@ -186,12 +213,25 @@ class TrainingStep(nn.Module):
         if objectives.negatives == "catalogue" and catalogue is None:
             raise ConfigError("objectives.negatives = catalogue needs the catalogue's item inputs")
 
+    @property
+    def dap_temperature(self) -> float:
+        """The DAP logit divisor: the configured one, or sqrt(d) for content items and 1 for ID items."""
+        if self.objectives.dap_temperature is not None:
+            return self.objectives.dap_temperature
+        config = self.model.config
+        return 1.0 if config.items == "id" else math.sqrt(config.user_encoder.d_model)
+
     def forward(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates,
-                corrupted_inverse: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                corrupted_inverse: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                predict: torch.Tensor | None = None, negative_ids: torch.Tensor | None = None,
+                negative_inverse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """item_ids (B, N) left-padded sequences (inputs + last target); inverse (B, N) positions of
         their items among the unique items whose `states` are given; corrupted_inverse / labels
-        (B, N - 1) the NID-corrupted inputs, as positions among the unique items, and their labels."""
+        (B, N - 1) the NID-corrupted inputs, as positions among the unique items, and their labels;
+        predict (B, N - 1) the targets that count; negative_ids / negative_inverse (M,) uniform
+        negatives ("mixed") and their positions among the unique items."""
         o = self.objectives
+        temperature = self.dap_temperature
         items = self.model.encode_items(states)  # vectors of the U unique items
         vectors = items.vector[inverse]  # (B, N, d): N - 1 input items, then the last target
         padding = item_ids == 0  # (B, N)
@@ -199,11 +239,13 @@ class TrainingStep(nn.Module):
         # back from the most recent item, so the target must not be part of its input).
         inputs, input_padding = vectors[:, :-1], padding[:, :-1]
         user_states = self.model.encode_users(inputs, input_padding)  # (B, N - 1, d), causal
-        if o.negatives == "catalogue":  # every item is a candidate: encode the whole catalogue
+        if o.negatives == "catalogue":  # every item is a candidate: encode the whole catalogue (no logQ)
             table = self.model.encode_items(self.catalogue).vector  # (N, d)
-            losses = {"dap": catalogue_dap_loss(user_states, table, item_ids, self.log_popularity, o.temperature)}
+            losses = {"dap": catalogue_dap_loss(user_states, table, item_ids, None, temperature, predict)}
         else:
-            losses = {"dap": dap_loss(user_states, vectors, item_ids, self.log_popularity, o.temperature)}
+            extra = items.vector[negative_inverse] if negative_inverse is not None else None  # (M, d)
+            losses = {"dap": dap_loss(user_states, vectors, item_ids, self.log_popularity, temperature,
+                                      extra, negative_ids if extra is not None else None, predict)}
         if "nicl" in self.weights:
             if items.text_cls is None or items.image_cls is None:
                 raise ConfigError("NICL needs both modalities; set objectives.nicl = 0 for a single-modality model")
@@ -218,6 +260,26 @@ class TrainingStep(nn.Module):
                 losses["rcl"] = rcl_loss(masked_mean_pool(user_states, keep), masked_mean_pool(corrupted_states, keep),
                                          o.temperature, o.rcl_normalize)
         return losses
+
+
+def log_sampling_probability(counts: np.ndarray) -> torch.Tensor:
+    """(N + 1,) log share of each item among the training occurrences: the log probability that an
+    in-batch candidate is that item (logQ). Items never seen in training count once, so the
+    correction stays finite; padding (index 0) is never a candidate."""
+    counts = torch.from_numpy(np.asarray(counts)).double().clamp(min=1.0)
+    return (counts.log() - counts[1:].sum().log()).float()
+
+
+def training_sequences(dataset: Any, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sequences an epoch samples from, (W, max_len + 1) long, and which of their targets count
+    ((W, max_len) bool, or None for all): windows of every training sequence or each user's last items."""
+    if config.train_windows == "all":  # every training target once
+        windows, _, first = dataset.train_windows(config.max_len + 1, config.train_window_stride or None)
+        predict = None
+        if first.any():  # overlapping windows: each predicts only the targets it owns
+            predict = torch.arange(config.max_len)[None, :] >= torch.from_numpy(first)[:, None]
+        return torch.from_numpy(windows).long(), predict
+    return torch.from_numpy(dataset.train_sequences(config.max_len + 1)).long(), None  # each user's last items
 
 
 @dataclass
@@ -285,9 +347,13 @@ def with_init_model(config: TrainConfig) -> TrainConfig:
     narrowed to `modalities` when given; the NID head only when NID is trained (DDP refuses
     parameters without gradients). Idempotent, and recorded in the run's config."""
     model = to_dict(config.model)
+    if model["item_tower"]["projection"] == "auto":  # decided by whether any encoder block is trained
+        model["item_tower"]["projection"] = "mlp" if config.encoders.top_blocks == 0 else "linear"
     if config.init:
         init_config, _ = read_parts_config(resolve_init_dir(config.init, config.runs_dir))
         init_model = _narrowed(to_dict(init_config), config.modalities)
+        if config.model.item_tower.projection == "auto":  # not a choice the user made
+            model["item_tower"]["projection"] = init_model["item_tower"]["projection"]
         # nid_head follows the objectives and num_items 0 means "the dataset's": neither is an architecture choice.
         asked = {**_narrowed(model, config.modalities), "nid_head": init_model["nid_head"],
                  "num_items": model.get("num_items") or init_model["num_items"]}
@@ -412,9 +478,8 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     model, dataset, store = s.model, s.dataset, s.store
     weights = config.weights
     log_pop = None
-    if config.objectives.logq:
-        counts = torch.from_numpy(dataset.train_item_counts()).float()
-        log_pop = torch.log(counts.clamp(min=1.0))
+    if config.objectives.logq and config.objectives.negatives != "catalogue":
+        log_pop = log_sampling_probability(dataset.train_item_counts())
     groups = model.parameter_groups()
     optimizer = torch.optim.AdamW([
         {"params": groups["encoder_blocks"], "weight_decay": 0.0, "lr": config.encoder_lr or config.lr},
@@ -436,10 +501,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
             if accelerator.is_main_process and show_progress:
                 print(f"resumed from {latest} (epoch {state.epoch} done)")
 
-    if config.train_windows == "all":  # (W, max_len + 1): every training target once
-        sequences = torch.from_numpy(dataset.train_windows(config.max_len + 1)[0]).long()
-    else:  # (U, max_len + 1): each user's last training items
-        sequences = torch.from_numpy(dataset.train_sequences(config.max_len + 1)).long()
+    sequences, predict = training_sequences(dataset, config)
     if accelerator.is_main_process and s.transfer is not None:
         write_json(run_dir / "transfer.json", s.transfer)
     history = _read_history(run_dir, state.epoch)
@@ -459,15 +521,17 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 7919 + accelerator.process_index)
         corruption = ((config.objectives.shuffle_fraction, config.objectives.replace_fraction)
                       if needs_corruption else None)
+        uniform = config.objectives.uniform_negatives if config.objectives.negatives == "mixed" else 0
         prepared = Prefetcher(batches, lambda users: prepare_batch(
-            sequences, users, store, accelerator.device, corruption, generator, trim=_trim_padding),
-            enabled=config.prefetch)
+            sequences, users, store, accelerator.device, corruption, generator, trim=_trim_padding,
+            predict=predict, uniform_negatives=uniform), enabled=config.prefetch)
         for step, (users, batch) in enumerate(zip(bar, prepared)):  # the batch is ready before its step
             ids, inverse, states = batch.ids, batch.inverse, batch.states  # (B, N), (B, N), U unique items
             corrupted_inverse, labels = batch.corrupted_inverse, batch.labels
             with accelerator.autocast():
                 losses = step_module(ids.to(accelerator.device), inverse.to(accelerator.device), states,
-                                     corrupted_inverse, labels)
+                                     corrupted_inverse, labels, batch.predict, batch.negative_ids,
+                                     batch.negative_inverse)
                 loss = sum(weights[name] * value for name, value in losses.items())
             loss_value = loss.item()  # the step's one host sync: the NaN guard and the progress bar need it
             if not math.isfinite(loss_value):
@@ -515,11 +579,14 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     unwrapped.load_parts(run_dir / "best", parts=tuple(p for p in ("item_tower", "user_encoder")))
     final = evaluate_splits(unwrapped, store, dataset, ("valid", "test"), config.ks, config.max_len,
                             config.mask_history, accelerator)
+    popular = popularity_ranking(dataset, ("valid", "test"), config.ks, config.max_len, config.mask_history)
     if accelerator.is_main_process:
         write_json(run_dir / "eval.json", {"best_epoch": state.best_epoch, "metrics": final,
+                                            "popularity_ranking": popular,
                                             "mask_history": config.mask_history, "dataset": config.dataset})
         if show_progress:
-            print(format_table(final, config.ks))
+            print(format_table({**final, **{f"pop:{k}": v for k, v in popular.items()}}, config.ks))
+            print(format_diagnostics(final))
             print(f"best epoch {state.best_epoch}; run directory {run_dir}")
     accelerator.wait_for_everyone()
     return TrainResult(run_dir=run_dir, best_epoch=state.best_epoch, metrics=final, history=history)

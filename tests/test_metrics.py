@@ -142,3 +142,24 @@ def test_summarize():
     assert summarize(per_user) == {"HR@10": 0.75, "NDCG@10": 0.5}
     empty = full_rank_metrics(torch.zeros(0, 3), torch.zeros(4, 3), torch.zeros(0, dtype=torch.long), None, (10,), mask_history=False)
     assert empty["HR@10"].numel() == 0 and math.isnan(summarize(empty)["HR@10"])
+
+
+def test_a_nan_score_ranks_last_and_never_scores_a_hit():
+    from pmmcache.metrics import target_ranks
+
+    scores = torch.tensor([[0.0, float("nan"), 1.0, 2.0], [0.0, 3.0, float("nan"), 1.0]])
+    ranks = target_ranks(scores, torch.tensor([1, 1]))
+    assert ranks.tolist() == [2, 0]  # a NaN target goes below every real item; a NaN rival does not beat it
+
+
+def test_popularity_diagnostics_percentiles_and_coverage():
+    from pmmcache.metrics import popularity_diagnostics, popularity_percentiles, top_k_items
+
+    counts = torch.tensor([0, 1, 5, 5, 9])  # items 1..4; items 2 and 3 tie
+    percent = popularity_percentiles(counts)
+    assert percent.tolist() == pytest.approx([0.0, 0.0, 50.0, 50.0, 100.0])
+    scores = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.9], [0.0, 0.8, 0.1, 0.7, 0.2]])
+    top = top_k_items(scores, 2, exclude=torch.tensor([[4], [0]]))
+    assert top.tolist() == [[3, 2], [1, 3]]
+    out = popularity_diagnostics(top, percent, 4, ks=(1, 2))
+    assert out["PopPct@1"] == pytest.approx(25.0) and out["Coverage@2"] == pytest.approx(0.75)

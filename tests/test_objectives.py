@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pmmcache.objectives import (
+    catalogue_dap_loss,
     dap_loss,
     in_batch_negative_mask,
     masked_mean_pool,
@@ -47,13 +48,15 @@ def naive_dap(user_states, item_vectors, item_ids, log_popularity=None, temperat
                 continue
             h = user_states[u, t].double()
 
-            def logit(column):
+            pool = int((flat_ids != 0).sum())
+
+            def logit(column):  # logQ: a negative of item j counts 1 / (n p_j) of its mass
                 value = float(h @ flat_vectors[column]) / temperature
                 if log_popularity is not None:
-                    value -= float(log_popularity[flat_ids[column]])
+                    value -= math.log(pool) + float(log_popularity[flat_ids[column]])
                 return value
 
-            positive = logit(u * length + t + 1)
+            positive = float(h @ flat_vectors[u * length + t + 1]) / temperature  # the label: never corrected
             denominator = math.exp(positive) + sum(math.exp(logit(c)) for c in negatives)
             losses.append(-positive + math.log(denominator))
     return sum(losses) / len(losses)
@@ -168,14 +171,16 @@ def test_dap_paper_layout_without_separate_target_matches_stage2_layout():
 def test_dap_log_popularity_correction():
     user_states, item_vectors, item_ids = tiny_dap_batch()
     log_popularity = torch.tensor([0.0, 0.5, -1.0, 2.0])  # items 0..3
-    # user 0: positive item 2 -> 1 - (-1) = 2; negative item 3 -> 2 - 2 = 0: log(1 + e^-2).
-    # user 1: positive item 2 -> 0 + 1 = 1; negative item 1 -> 2 - 0.5 = 1.5: log(1 + e^0.5).
-    expected = (math.log(1 + E**-2) + math.log(1 + E**0.5)) / 2
+    # n = 4 in-batch candidates; a negative of item j is shifted by log(4 e^{lp_j}), the positive is not.
+    # user 0: positive item 2 -> 1; negative item 3 -> 2 - log 4 - 2: log(1 + e^-1 / 4).
+    # user 1: positive item 2 -> 0; negative item 1 -> 2 - log 4 - 0.5: log(1 + e^1.5 / 4).
+    expected = (math.log(1 + E**-1 / 4) + math.log(1 + E**1.5 / 4)) / 2
     loss = dap_loss(user_states, item_vectors, item_ids, log_popularity=log_popularity)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
-    # A constant offset (log counts vs log probabilities) cancels.
-    shifted = dap_loss(user_states, item_vectors, item_ids, log_popularity=log_popularity + 7.0)
-    assert shifted.item() == pytest.approx(expected, abs=1e-5)
+    # Uniform popularity (p = 1/3 over 3 items): every negative is shifted by log(4/3), nothing else.
+    uniform = torch.full((4,), math.log(1 / 3))
+    shifted = (math.log(1 + E**1 * 3 / 4) + math.log(1 + E**2 * 3 / 4)) / 2
+    assert dap_loss(user_states, item_vectors, item_ids, log_popularity=uniform).item() == pytest.approx(shifted, abs=1e-6)
     # A more popular negative is penalised harder, so it costs less.
     more_popular = log_popularity.clone()
     more_popular[3] += 1.0
@@ -326,3 +331,84 @@ def test_masked_mean_pool():
     mask = torch.tensor([[True, True, False], [False, False, False]])
     pooled = masked_mean_pool(states, mask)
     assert pooled.tolist() == [[2.0, 3.0], [0.0, 0.0]]
+
+
+# ------------------------------------------------------------- sampling correction and candidates
+
+
+def naive_mixed_dap(user_states, item_vectors, item_ids, extra_vectors, extra_ids, log_probability, predict=None):
+    """Mixed negatives by loops: each negative copy of item j is corrected by log(n p_j + M / N), its
+    expected copies over n in-batch and M uniform draws; the positive is not corrected; a user's own
+    items are never negatives."""
+    batch, length = item_ids.shape
+    flat_vectors = item_vectors.reshape(batch * length, -1).double()
+    flat_ids = item_ids.reshape(-1)
+    pool = int((flat_ids != 0).sum())
+    num_items = len(log_probability) - 1
+    losses = []
+    for u in range(batch):
+        own = {int(i) for i in item_ids[u] if int(i) != 0}
+        negatives = naive_negatives(item_ids, u)
+        for t in range(length - 1):
+            if item_ids[u, t] == 0 or item_ids[u, t + 1] == 0 or (predict is not None and not predict[u, t]):
+                continue
+            h = user_states[u, t].double()
+
+            def expected(item):
+                return pool * math.exp(float(log_probability[item])) + len(extra_ids) / num_items
+
+            logits = [float(h @ flat_vectors[u * length + t + 1])]
+            logits += [float(h @ flat_vectors[c]) - math.log(expected(int(flat_ids[c]))) for c in negatives]
+            logits += [float(h @ extra_vectors[m].double()) - math.log(expected(int(extra_ids[m])))
+                       for m in range(len(extra_ids)) if int(extra_ids[m]) not in own]
+            losses.append(-logits[0] + math.log(sum(math.exp(x) for x in logits)))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mixed_negatives_and_predict_mask_match_naive_reference(seed):
+    item_ids, vectors, states, _ = random_batch(seed)
+    generator = torch.Generator().manual_seed(seed + 7)
+    log_probability = torch.log_softmax(torch.randn(10, generator=generator), 0)
+    extra_ids = torch.randint(1, 10, (5,), generator=generator)
+    extra_vectors = torch.randn(5, vectors.shape[-1], generator=generator)
+    predict = torch.rand(item_ids.shape[0], item_ids.shape[1] - 1, generator=generator) > 0.3
+    loss = dap_loss(states, vectors, item_ids, log_probability, extra_vectors=extra_vectors, extra_ids=extra_ids,
+                    predict=predict)
+    assert loss.item() == pytest.approx(
+        naive_mixed_dap(states, vectors, item_ids, extra_vectors, extra_ids, log_probability, predict), abs=1e-5)
+
+
+def test_logq_makes_the_in_batch_optimum_that_of_the_full_softmax():
+    """Targets follow a skewed popularity p, and the in-batch candidates are the batch's own targets,
+    so negatives are drawn in proportion to p. The full softmax's optimum is score_i = log p_i (+ c).
+    Uncorrected, the in-batch loss learns a popularity-discounted score (nearly flat); with logQ it
+    learns log p, as the full softmax does."""
+    torch.manual_seed(0)
+    num_items, batch = 6, 48
+    p = torch.tensor([16.0, 8, 4, 2, 1, 1])
+    p = p / p.sum()
+    log_p = torch.cat([torch.zeros(1), p.log(), torch.zeros(1)])  # padding, items, the context item
+    context = num_items + 1  # every user's first item: its own item, so never a candidate
+
+    def fit(loss_of):
+        scores = torch.zeros(num_items + 2, 1, requires_grad=True)  # item "vectors" in d = 1; the user state is 1
+        optimizer = torch.optim.Adam([scores], lr=0.05)
+        for _ in range(600):
+            targets = torch.multinomial(p, batch, replacement=True) + 1  # (B,)
+            ids = torch.stack([torch.full((batch,), context), targets], 1)  # (B, 2)
+            loss = loss_of(torch.ones(batch, 1, 1), scores, ids)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        learned = scores.detach()[1:num_items + 1, 0]
+        return learned - learned.mean()
+
+    full = fit(lambda h, table, ids: catalogue_dap_loss(h, table[1:num_items + 1], ids))
+    corrected = fit(lambda h, table, ids: dap_loss(h, table[ids], ids, log_popularity=log_p))
+    plain = fit(lambda h, table, ids: dap_loss(h, table[ids], ids))
+    truth = p.log() - p.log().mean()
+    assert (full - truth).abs().max() < 0.25, (full, truth)
+    assert (corrected - full).abs().max() < 0.35, (corrected, full)
+    # Without the correction the scores are popularity-discounted: far from the full softmax's.
+    assert (plain - full).abs().max() > max(0.8, 3 * (corrected - full).abs().max()), (plain, corrected, full)

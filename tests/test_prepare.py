@@ -123,12 +123,40 @@ def test_train_windows_cover_every_training_target_once():
     items = [f"i{n}" for n in range(1, 12)]
     raw = raw_from({"a": items, "b": items[:4]}, items=items)  # train parts: 1..9 and 1..2
     dataset = prepare(raw, PrepareConfig(min_core=0))
-    windows, owners = dataset.train_windows(4)
+    windows, owners, first = dataset.train_windows(4)
     assert windows.tolist() == [[6, 7, 8, 9], [3, 4, 5, 6], [0, 1, 2, 3], [0, 0, 1, 2]]
     assert owners.tolist() == [0, 0, 0, 1]
+    assert first.tolist() == [0, 0, 0, 0]  # without overlap a window owns all its targets
     # Targets are the items after a window's first real item: each training target exactly once.
     targets = [t for row in windows.tolist() for t in [x for x in row if x][1:]]
     assert sorted(targets) == sorted(list(range(2, 10)) + [2])
+
+
+def owned_targets(windows, first):
+    """(target, history length) of every target a window owns (slot j predicts column j + 1)."""
+    found = []
+    for row, start in zip(windows.tolist(), first.tolist()):
+        for slot in range(start, len(row) - 1):
+            if row[slot] and row[slot + 1]:
+                found.append((row[slot + 1], sum(1 for x in row[: slot + 1] if x)))
+    return found
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_overlapping_train_windows_predict_every_target_once_with_longer_history(stride):
+    items = [f"i{n}" for n in range(1, 12)]
+    raw = raw_from({"a": items, "b": items[:4]}, items=items)  # train parts: 1..9 and 1..2
+    dataset = prepare(raw, PrepareConfig(min_core=0))
+    windows, owners, first = dataset.train_windows(4, stride=stride)
+    found = owned_targets(windows, first)
+    assert sorted(t for t, _ in found) == sorted(list(range(2, 10)) + [2])  # each target once
+    for target, history in found:  # at least length - 1 - stride items before it, or all there are
+        assert history >= min(3 - stride, target - 1), (target, history)
+    if stride == 1:  # RecBole's prefixes: every target with its full (capped) history
+        assert all(history == min(3, target - 1) for target, history in found)
+        assert windows.tolist()[:2] == [[6, 7, 8, 9], [5, 6, 7, 8]] and first.tolist()[:2] == [2, 2]
+    with pytest.raises(ConfigError, match="stride"):
+        dataset.train_windows(4, stride=4)
 
 
 def test_split_arrays_are_left_padded_leave_one_out():

@@ -161,7 +161,7 @@ def test_pretrain_run_writes_config_metrics_checkpoint_best_and_eval(pretrained)
     config, result = pretrained
     run_dir = result.run_dir
     assert run_dir == Path(config.runs_dir) / "pretrain"
-    assert json.loads((run_dir / "config.json").read_text()) == to_dict(config)
+    assert json.loads((run_dir / "config.json").read_text()) == to_dict(train.with_init_model(config))  # "auto" decided
 
     history = read_history(run_dir)
     assert [r["epoch"] for r in history] == [1, 2, 3]
@@ -252,7 +252,7 @@ def test_run_killed_after_two_epochs_resumes_to_the_uninterrupted_result(toy, pr
     assert [r["epoch"] for r in read_history(run_dir)] == [1, 2] and not (run_dir / "eval.json").exists()
     # The CLI's config is the in-process one (so resuming it in-process is allowed).
     config = train_config(toy, runs, "killed")
-    assert json.loads((run_dir / "config.json").read_text()) == to_dict(config)
+    assert json.loads((run_dir / "config.json").read_text()) == to_dict(train.with_init_model(config))  # "auto" decided
 
     resumed = train.run(train_config(toy, runs, "killed", resume=True), show_progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
@@ -273,7 +273,7 @@ def test_resume_may_extend_the_epochs_and_equals_the_uninterrupted_run(toy, pret
     assert_same_run(runs / "extended", reference, reference.run_dir)
     saved = json.loads((runs / "extended" / "config.json").read_text())
     assert saved["epochs"] == 3  # config.json says how the run was trained in the end
-    assert saved == {**to_dict(longer), "resume": False}
+    assert saved == {**to_dict(train.with_init_model(longer)), "resume": False}
 
     # What the run trains may not change on resume; the message names the setting.
     with pytest.raises(PmmcacheError, match=r"other settings \(lr differ\)"):

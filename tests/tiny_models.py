@@ -32,15 +32,15 @@ def _unigram_vocab() -> list[tuple[str, float]]:
     return specials + words + pieces + [("<mask>", 0.0)]
 
 
-def save_tiny_bert(directory: str | Path, *, layers: int = 4, seed: int = 0) -> Path:
-    """A BERT with d = 32, `layers` blocks, 4 heads, and a WordPiece tokenizer; returns the dir."""
+def save_tiny_bert(directory: str | Path, *, layers: int = 4, seed: int = 0, hidden: int = 32) -> Path:
+    """A BERT with d = `hidden` (32), `layers` blocks, 4 heads, and a WordPiece tokenizer; returns the dir."""
     from transformers import BertConfig, BertModel, BertTokenizer
 
     directory = Path(directory)
     tokenizer = BertTokenizer(vocab=_bert_vocab(), do_lower_case=True)
     config = BertConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
+        hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         intermediate_size=64,
@@ -61,7 +61,7 @@ def save_tiny_xlmr(directory: str | Path, *, layers: int = 4, seed: int = 0) -> 
     tokenizer = XLMRobertaTokenizer(vocab=_unigram_vocab())
     config = XLMRobertaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
+        hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         intermediate_size=64,
@@ -77,9 +77,10 @@ def save_tiny_xlmr(directory: str | Path, *, layers: int = 4, seed: int = 0) -> 
 
 
 def save_tiny_hf_clip_vision(
-    directory: str | Path, *, layers: int = 3, image_size: int = 64, patch_size: int = 16, seed: int = 0
+    directory: str | Path, *, layers: int = 3, image_size: int = 64, patch_size: int = 16, seed: int = 0,
+    hidden: int = 32,
 ) -> Path:
-    """A transformers CLIPVisionModel with d = 32, `layers` blocks, 4 heads; returns the dir.
+    """A transformers CLIPVisionModel with d = `hidden` (32), `layers` blocks, 4 heads; returns the dir.
 
     64 px / 16 px patches -> 16 patches + CLS = 17 tokens.
     """
@@ -87,7 +88,7 @@ def save_tiny_hf_clip_vision(
 
     directory = Path(directory)
     config = CLIPVisionConfig(
-        hidden_size=32,
+        hidden_size=hidden,
         intermediate_size=64,
         num_hidden_layers=layers,
         num_attention_heads=4,

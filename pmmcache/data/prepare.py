@@ -150,24 +150,38 @@ class PreparedDataset:
         values, starts, ends = self._sequences()
         return _left_padded(values, starts, ends - 2, max_len)
 
-    def train_windows(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+    def train_windows(self, length: int, stride: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every training sequence seq[:-2] cut into left-padded windows of `length` items, newest first.
 
-        Consecutive windows of a user overlap by one item (the first input of a later window is the
-        last item of an earlier one), so every training target is predicted exactly once, with at
-        most `length - 1` items of history. Returns windows (W, length) int32 and the row of the
-        user each window belongs to (W,).
+        Window k of a user ends `k * stride` items before the end of its training sequence. The
+        default stride, `length - 1`, makes consecutive windows overlap by one item (the first input
+        of a later window is the last item of an earlier one), so every training target is in
+        exactly one window, with at most `length - 1` items of history. A smaller stride overlaps
+        the windows: each target then counts only in the window where it has the longest history
+        (the last `stride` targets of a window; all targets of a user's oldest window), so every
+        target is still predicted once but with at least `length - 1 - stride` items of history
+        (stride 1: every target with its full history, as RecBole's prefixes).
+
+        Returns windows (W, length) int32, the row of the user each window belongs to (W,), and
+        the first target slot each window owns (W,) int64: target slot j (0..length-2) is the item
+        in column j + 1, so window w predicts the targets of slots >= first[w].
         """
         if length < 2:
             raise ConfigError(f"window length must be >= 2, got {length}")
+        stride = length - 1 if stride is None else stride
+        if not 1 <= stride <= length - 1:
+            raise ConfigError(f"window stride must be in [1, {length - 1}], got {stride}")
         values, starts, ends = self._sequences()
         ends = ends - 2
-        counts = np.maximum(1, -(-(ends - starts - 1) // (length - 1)))  # windows per user
+        # Windows until the oldest reaches the start: 1 + ceil((n - length) / stride), at least 1.
+        counts = 1 + np.maximum(0, -(-(ends - starts - length) // stride))
         owners = np.repeat(np.arange(len(starts)), counts)
         k = np.arange(len(owners)) - np.repeat(np.cumsum(counts) - counts, counts)  # window number, 0 = newest
-        window_ends = ends[owners] - k * (length - 1)
+        window_ends = ends[owners] - k * stride
         window_starts = np.maximum(starts[owners], window_ends - length)
-        return _left_padded(values, window_starts, window_ends, length), owners
+        oldest = k == counts[owners] - 1
+        first = np.where(oldest, 0, length - 1 - stride).astype(np.int64)
+        return _left_padded(values, window_starts, window_ends, length), owners, first
 
     def train_item_counts(self) -> np.ndarray:
         """(N + 1,) int64: how often each index occurs in the training sequences (popularity)."""

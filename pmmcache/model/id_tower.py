@@ -16,12 +16,12 @@ from pmmcache.model.item_tower import HEADS, ItemOutput
 class IdItemTower(nn.Module):
     """Item indices (N,) -> ItemOutput with the learned embedding as the item vector (0 = padding)."""
 
-    def __init__(self, num_items: int, d_model: int):
+    def __init__(self, num_items: int, d_model: int, init_std: float | None = 0.02):
         super().__init__()
         self.embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0)
-        # At the scale of the user encoder's position embeddings (xavier, ~0.15 at d = 64): RecBole's
-        # N(0, 0.02) under those positions leaves the items drowned after the input LayerNorm.
-        nn.init.normal_(self.embedding.weight, std=d_model ** -0.5)
+        # At the scale of the user encoder's position embeddings, so neither drowns the other after
+        # the input LayerNorm: N(0, 0.02) as RecBole (`init_std`), or d^-1/2 (None) beside xavier positions.
+        nn.init.normal_(self.embedding.weight, std=init_std if init_std is not None else d_model ** -0.5)
         with torch.no_grad():
             self.embedding.weight[0].zero_()
 

@@ -19,11 +19,14 @@ Choices (paper vs released code, ICDE24/PMMRec):
   item without an image gets its vector from its text and vice versa.
 - One modality only (paper III-E text-/vision-only): no fusion; the item vector is that
   modality's projected CLS ("cls") or the masked mean of its projected tokens ("mean", released).
+- `projection = "mlp"` (the default when k = 0): a two-layer GELU adaptor instead of one linear
+  map per token, since a linear map of frozen features is too weak an item model (MoRec's finding).
 - `fusion = "concat"` is the MoRec++ baseline (paper IV-B): no token-level fusion; each modality is
   pooled alone (its projected CLS or token mean) and one linear layer maps the concatenation to d.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,6 +58,12 @@ class ItemTowerConfig:
     fusion_norm_first: bool = False
     # "attention": PMMRec's merge-attention block over all tokens; "concat": MoRec++ late fusion.
     fusion: Literal["attention", "concat"] = "attention"
+    # Per-token map from an encoder's width to d: "linear" (paper, released code) or "mlp"
+    # (Linear -> GELU -> dropout -> Linear), an adaptor for frozen features that a linear map of a
+    # frozen encoder cannot bend to the task. "auto": "mlp" when no encoder block is trained (k = 0),
+    # else "linear"; stage 2 resolves it when the run is made, so saved configs hold the concrete choice.
+    projection: Literal["auto", "linear", "mlp"] = "auto"
+    projection_hidden: int | None = None  # hidden width of the "mlp" projection; None = 4 * d_model
 
     def __post_init__(self) -> None:
         if self.d_model < 1:
@@ -70,10 +79,18 @@ class ItemTowerConfig:
         unknown = set(self.modalities) - {"text", "image"}
         if unknown:
             raise ConfigError(f"item_tower.modalities: unknown {sorted(unknown)}; use text and/or image")
+        if self.projection_hidden is not None and self.projection_hidden < 1:
+            raise ConfigError(f"item_tower.projection_hidden = {self.projection_hidden}; must be positive")
 
     @property
     def ffn_size(self) -> int:
         return self.fusion_ffn if self.fusion_ffn is not None else 4 * self.d_model
+
+    def resolved(self, top_blocks: int) -> "ItemTowerConfig":
+        """This config with `projection = "auto"` decided for encoders with `top_blocks` trained blocks."""
+        if self.projection != "auto":
+            return self
+        return dataclasses.replace(self, projection="mlp" if top_blocks == 0 else "linear")
 
     @property
     def fuses(self) -> bool:
@@ -104,6 +121,11 @@ def _ensure_one_key(keep: Tensor) -> Tensor:
     first = torch.zeros_like(keep)
     first[:, 0] = True
     return keep | (first & ~keep.any(dim=1, keepdim=True))
+
+
+def _first_weight(projection: nn.Module) -> Tensor:
+    """The first weight of a projection (linear or MLP): where and in which dtype it computes."""
+    return next(projection.parameters())
 
 
 def masked_mean(tokens: Tensor, keep: Tensor) -> Tensor:
@@ -145,12 +167,16 @@ class ItemTower(nn.Module):
         self.d_text = d_text if self.has_text else None
         self.d_vision = d_vision if self.has_image else None
 
+        if config.projection == "auto":  # frozen encoders (no trained top block) get the MLP adaptor
+            trained = any(p.numel() for top in (text_top, vision_top) if top is not None for p in top.parameters())
+            config = config.resolved(top_blocks=1 if trained else 0)
+            self.config = config
         if self.has_text:
             self.text_top = text_top
-            self.text_proj = nn.Linear(d_text, d)
+            self.text_proj = self._projection(d_text)
         if self.has_image:
             self.vision_top = vision_top
-            self.vision_proj = nn.Linear(d_vision, d)
+            self.vision_proj = self._projection(d_vision)
         if config.fuses and config.fusion == "concat":
             self.concat_fusion = nn.Linear(2 * d, d)
         elif config.fuses:
@@ -168,15 +194,24 @@ class ItemTower(nn.Module):
             )
         self.reset_head_parameters()
 
+    def _projection(self, width: int) -> nn.Module:
+        """Token projection width -> d: one linear layer, or a two-layer GELU MLP (frozen features)."""
+        d = self.config.d_model
+        if self.config.projection == "linear":
+            return nn.Linear(width, d)
+        hidden = self.config.projection_hidden or 4 * d
+        return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(self.config.dropout), nn.Linear(hidden, d))
+
     def reset_head_parameters(self) -> None:
         """Initialise what is trained from scratch (released code: xavier-normal projections, BERT-init fusion).
 
         The top blocks keep their pretrained weights.
         """
         for proj in (getattr(self, "text_proj", None), getattr(self, "vision_proj", None)):
-            if proj is not None:
-                nn.init.xavier_normal_(proj.weight)
-                nn.init.zeros_(proj.bias)
+            for layer in ([] if proj is None else [proj] if isinstance(proj, nn.Linear) else proj):
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_normal_(layer.weight)
+                    nn.init.zeros_(layer.bias)
         if self.config.fuses and self.config.fusion == "concat":
             nn.init.xavier_normal_(self.concat_fusion.weight)
             nn.init.zeros_(self.concat_fusion.bias)
@@ -219,7 +254,7 @@ class ItemTower(nn.Module):
         return usable
 
     def _encode_text(self, states: ItemStates, usable: Tensor) -> ModalityTokens:
-        weight = self.text_proj.weight
+        weight = _first_weight(self.text_proj)
         hidden = states.text.to(device=weight.device, dtype=weight.dtype)  # (N, L, d_text)
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_text:
             raise CacheMismatchError(
@@ -233,7 +268,7 @@ class ItemTower(nn.Module):
         return ModalityTokens(tokens, token_mask & usable[:, None])
 
     def _encode_image(self, states: ItemStates, usable: Tensor) -> ModalityTokens:
-        weight = self.vision_proj.weight
+        weight = _first_weight(self.vision_proj)
         hidden = states.image.to(device=weight.device, dtype=weight.dtype)  # (N, P, d_vision)
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_vision:
             raise CacheMismatchError(
@@ -248,7 +283,7 @@ class ItemTower(nn.Module):
         present = states.text if states.text is not None else states.image
         if present is None:
             raise ValueError("item states hold neither text nor image states")
-        device = (self.text_proj if self.has_text else self.vision_proj).weight.device
+        device = _first_weight(self.text_proj if self.has_text else self.vision_proj).device
         usable = self._usable(states, present.shape[0], device)
         text = self._encode_text(states, usable[:, 0]) if self.has_text and states.text is not None else None
         image = self._encode_image(states, usable[:, 1]) if self.has_image and states.image is not None else None

@@ -7,6 +7,7 @@ full (all parts), item encoders only ("item_tower"), user encoder only ("user_en
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -78,9 +79,12 @@ class PMMRec(nn.Module):
         self.config = config
         self.encoders = encoders or {}  # JSON-able record of the encoders the top blocks came from
         if config.items == "id":
-            self.item_tower: ItemTower | IdItemTower = IdItemTower(config.num_items, config.item_tower.d_model)
+            users = config.user_encoder
+            self.item_tower: ItemTower | IdItemTower = IdItemTower(
+                config.num_items, config.item_tower.d_model, users.init_std if users.init == "normal" else None)
         else:
             self.item_tower = ItemTower(config.item_tower, text_top, vision_top, d_text=d_text, d_vision=d_vision)
+            self.config = config = dataclasses.replace(config, item_tower=self.item_tower.config)  # "auto" decided
         self.user_encoder = UserEncoder(config.user_encoder)
         self.nid_head = nn.Linear(config.user_encoder.d_model, NID_CLASSES) if config.nid_head else None
 
@@ -203,7 +207,10 @@ def read_parts_config(directory: str | Path) -> tuple[PMMRecConfig, dict[str, An
     record = json.loads(path.read_text())
     if record.get("kind") != CHECKPOINT_KIND:
         raise PmmcacheError(f"{path}: kind {record.get('kind')!r}, expected {CHECKPOINT_KIND!r}")
-    return from_dict(PMMRecConfig, record["config"], where=str(path)), record.get("encoders", {})
+    config = record["config"]
+    if "projection" not in config.get("item_tower", {"projection": None}):  # saved before the MLP option
+        config = {**config, "item_tower": {**config["item_tower"], "projection": "linear"}}
+    return from_dict(PMMRecConfig, config, where=str(path)), record.get("encoders", {})
 
 
 def build_pmmrec(
