@@ -61,7 +61,7 @@ def save_tiny_xlmr(directory: str | Path, *, layers: int = 4, seed: int = 0) -> 
     tokenizer = XLMRobertaTokenizer(vocab=_unigram_vocab())
     config = XLMRobertaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=hidden,
+        hidden_size=32,
         num_hidden_layers=layers,
         num_attention_heads=4,
         intermediate_size=64,
