@@ -168,6 +168,8 @@ def prepare(dataset: str, data_dir: str, cache_dir: str, **options: Any) -> None
 @click.option("--epochs", type=int, help="[default: 5]")
 @click.option("--batch-size", type=int, help="Users per process.  [default: 32]")
 @click.option("--lr", type=float, help="AdamW learning rate.  [default: 1e-4]")
+@click.option("--warmup-steps", type=int, help="Linear learning-rate warmup over this many optimizer steps.  [default: 0]")
+@click.option("--init-lr", type=float, help="With --init, learning rate of the transferred heads (projections, fusion, user encoder); 0 = --lr.  [default: 0]")
 @click.option("--grad-clip", type=float, help="Max gradient norm, 0 = off.  [default: 0]")
 @click.option("--mixed-precision", type=click.Choice(["auto", "no", "fp16", "bf16"]), help="[default: auto = bf16 on CUDA]")
 @click.option("--patience", type=int, help="Early stopping patience in epochs.  [default: 3]")
@@ -288,8 +290,8 @@ def export_items(run: str, output: str) -> None:
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
 @click.option("--runs-dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--target", help="Target domain to fine-tune on.  [default: the demo's first target domain]")
-@click.option("--pretrain-epochs", type=int, help="[default: 2]")
-@click.option("--finetune-epochs", type=int, help="[default: 4]")
+@click.option("--pretrain-epochs", type=int, help="Epochs of pre-training on the source domains.  [default: 3]")
+@click.option("--finetune-epochs", type=int, help="Epochs of each fine-tuning run on the target domain.  [default: 5]")
 def demo(**options: Any) -> None:
     """The main job on the embedded dataset: extract -> pre-train on source domains -> fine-tune on a
     target domain from scratch and from the pre-trained run -> full-rank test HR@10 / NDCG@10 beside

@@ -28,13 +28,14 @@ class DemoJobConfig:
     runs_dir: Path = Path("runs/demo")
     target: str | None = None  # a target domain of the demo; default: the first one
     # Sized for a 2-core CPU and a few hundred optimizer steps (the paper's settings are the defaults
-    # of `pmmcache train`): one trained block per encoder, a narrow model, released-code mean pooling
-    # with a pre-LN fusion block, a higher learning rate for the new layers than for the pretrained
+    # of `pmmcache train`): one trained block per encoder, a narrow model, per-modality mean pooling
+    # (each modality weighs half; the released code's plain token mean is ~80 % image patches) with
+    # a pre-LN fusion block, a higher learning rate for the new layers than for the pretrained
     # encoder blocks (which drift at 1e-3 before the new layers have learned anything).
     top_blocks: int = 1
     d_model: int = 128
     heads: int = 4
-    pooling: str = "mean"
+    pooling: str = "modality_mean"
     fusion_norm_first: bool = True
     pretrain_epochs: int = 3
     finetune_epochs: int = 5
@@ -53,7 +54,8 @@ def _train_config(job: DemoJobConfig, **fields: Any) -> train.TrainConfig:
         "model": {"item_tower": {"d_model": d, "fusion_heads": job.heads, "pooling": job.pooling,
                                  "fusion_norm_first": job.fusion_norm_first},
                   "user_encoder": {"d_model": d, "n_heads": 2}},
-        "batch_size": job.batch_size, "lr": job.lr, "encoder_lr": job.encoder_lr, "seed": job.seed, "patience": 2,
+        "batch_size": job.batch_size, "lr": job.lr, "encoder_lr": job.encoder_lr, "seed": job.seed,
+        "patience": max(job.pretrain_epochs, job.finetune_epochs),  # runs this short never stop early
         "max_steps_per_epoch": job.max_steps_per_epoch,
         **fields,
     }

@@ -48,6 +48,24 @@ def in_batch_negative_mask(item_ids: torch.Tensor) -> torch.Tensor:
     return ~own_item_mask(item_ids, candidates) & (candidates != PADDING_ID)[None, :]
 
 
+def log_expected_copies(log_popularity: torch.Tensor, candidate_ids: torch.Tensor, uniform_draws: int = 0) -> torch.Tensor:
+    """(num_items + 1,) log of each item's expected number of copies among sampled negatives (logQ).
+
+    Each negative copy of item j stands for 1 / E[copies of j] of the catalogue's mass, with
+    E = n p_j over the n non-padding in-batch candidates (drawn in proportion to popularity p) plus
+    M / num_items over `uniform_draws` = M uniform catalogue draws. Subtracting log E from a
+    negative's logit makes the sampled softmax estimate the full softmax.
+
+    Args:
+        log_popularity: (num_items + 1,) log sampling probability per item id (sums to 1 over 1..N).
+        candidate_ids: the in-batch candidate ids, any shape, 0 = padding (not counted).
+        uniform_draws: M, the number of extra candidates drawn uniformly from the catalogue.
+    """
+    pool = max(1, int((candidate_ids != PADDING_ID).sum()))
+    uniform = uniform_draws / (len(log_popularity) - 1)
+    return torch.log(pool * log_popularity.float().exp() + uniform)
+
+
 def dap_loss(
     user_states: torch.Tensor,
     item_vectors: torch.Tensor,
@@ -115,13 +133,9 @@ def dap_loss(
 
     extra_count = len(extra_ids) if extra_ids is not None else 0
     if log_popularity is not None:
-        # Each negative copy of item j stands for 1 / E[copies of j] of the catalogue's mass:
-        # E = n p_j over the n in-batch candidates, + M / num_items over M uniform draws. The
-        # positive is the label, not a draw: uncorrected (the released code also shifts it, which
+        # The positive is the label, not a draw: uncorrected (the released code also shifts it, which
         # inflates popular targets once their other copies are masked as the user's own).
-        pool = max(1, int((candidate_ids != PADDING_ID).sum()))
-        uniform = extra_count / (len(log_popularity) - 1)
-        log_expected = torch.log(pool * log_popularity.float().exp() + uniform)  # (num_items + 1,)
+        log_expected = log_expected_copies(log_popularity, candidate_ids, extra_count)  # (num_items + 1,)
         logits = logits - torch.where(is_target, 0.0, log_expected[candidate_ids])
     logits = logits.masked_fill(~(negatives[:, None, :] | is_target), float("-inf"))
     if extra_vectors is not None:
@@ -182,6 +196,7 @@ def nicl_loss(
     variant: Literal["nicl", "icl", "vcl"] = "nicl",
     temperature: float = 1.0,
     next_item_in_denominator: bool = False,
+    log_popularity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-modal contrastive alignment of item texts and images (eq. 6-9).
 
@@ -195,11 +210,16 @@ def nicl_loss(
         temperature 1); that literal form is the default. `next_item_in_denominator=True` adds
         them to the denominator (the usual multi-positive InfoNCE, always >= 0).
     Negatives are `in_batch_negative_mask`: items of other users that are not u's own items.
+    They are drawn in proportion to popularity, so with `log_popularity` each negative's logit is
+    lowered by the log of its expected copies (`log_expected_copies`, logQ); positives are not.
 
     Args:
         text_cls: (B, L, d) text-encoder CLS vectors t.
         image_cls: (B, L, d) vision-encoder CLS vectors v.
         item_ids: (B, L) long, 0 = padding.
+        temperature: paper 1; cosines at 1 give a nearly flat softmax and almost no gradient, so
+            stage 2 defaults to CLIP's range (0.1).
+        log_popularity: optional (num_items + 1,) log sampling probability per item id (logQ).
 
     Returns:
         Scalar: mean over valid positions of (L^{T,V} + L^{V,T}) / 2 (eq. 9). Valid means a
@@ -226,6 +246,9 @@ def nicl_loss(
         return (text_cls.sum() + image_cls.sum()) * 0.0
 
     negatives = in_batch_negative_mask(item_ids)[rows // length]  # (R, B*L)
+    shift = 0.0
+    if log_popularity is not None:  # (B*L,): subtracted from every negative logit
+        shift = log_expected_copies(log_popularity, item_ids)[item_ids.reshape(-1)]
 
     def direction(anchors: torch.Tensor, same: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """Per-anchor loss with `other` the paired modality and `same` the anchor's own."""
@@ -233,9 +256,9 @@ def nicl_loss(
         to_other = anchor @ other.T / temperature  # (R, B*L)
         to_same = anchor @ same.T / temperature  # (R, B*L)
         positive = to_other.gather(1, rows[:, None])  # (R, 1): δ(t_l, v_l)
-        denominator = [positive, to_other.masked_fill(~negatives, float("-inf"))]
+        denominator = [positive, (to_other - shift).masked_fill(~negatives, float("-inf"))]
         if variant != "vcl":
-            denominator.append(to_same.masked_fill(~negatives, float("-inf")))
+            denominator.append((to_same - shift).masked_fill(~negatives, float("-inf")))
         numerator = [positive]
         if variant == "nicl":
             following = (rows + 1)[:, None]  # next position of the same user
@@ -250,17 +273,19 @@ def nicl_loss(
     return ((text_anchored + image_anchored) / 2).mean()
 
 
-def nid_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def nid_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, relu: bool = False) -> torch.Tensor:
     """Noised item detection (eq. 10): 3-way classification unchanged / shuffled / replaced.
 
-    Eq. 10 applies ReLU to the linear classifier output and writes -Σ y log ŷ. ReLU outputs are not
-    probabilities, so we read ŷ as softmax(ReLU(hW + b)): softmax cross-entropy over the ReLU'd
-    logits. ReLU is applied here; applying it before as well changes nothing (it is idempotent).
+    Default: softmax cross-entropy over the classifier's logits hW + b, a proper classifier.
+    `relu=True` is eq. 10 as printed, ŷ = softmax(ReLU(hW + b)): ReLU clips every negative logit to
+    0, so a class can never be ruled out and the gradient of a clipped logit is 0 (NID then sits
+    above the label prior's entropy).
 
     Args:
         logits: (B, L, 3) classifier output hW + b on the corrupted sequence.
         labels: (B, L) long in {0 unchanged, 1 shuffled, 2 replaced}; `ignore_index` (padding)
             positions are left out of the mean.
+        relu: apply eq. 10's ReLU before the softmax.
 
     Returns:
         Scalar: mean over non-ignored positions (eq. 10's 1 / (B L) when nothing is padded).
@@ -269,9 +294,10 @@ def nid_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -10
         raise ValueError(f"logits must be {tuple(labels.shape) + (3,)}, got {tuple(logits.shape)}")
     if not (labels != ignore_index).any():
         return logits.sum() * 0.0
-    return F.cross_entropy(
-        F.relu(logits.float()).reshape(-1, 3), labels.reshape(-1), ignore_index=ignore_index
-    )
+    logits = logits.float()
+    if relu:
+        logits = F.relu(logits)
+    return F.cross_entropy(logits.reshape(-1, 3), labels.reshape(-1), ignore_index=ignore_index)
 
 
 def masked_mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,11 @@ class ObjectiveConfig:
     rcl: float = 1.0
     nicl_variant: Literal["nicl", "icl", "vcl"] = "nicl"  # VCL (eq. 6) / ICL (eq. 7) for ablation
     nicl_next_in_denominator: bool = False  # False: eq. 8 as printed
-    temperature: float = 1.0  # NICL and RCL: exp(a.b / temperature) on unit vectors; paper: 1
+    # NICL and RCL: exp(a.b / temperature) on unit vectors. Paper: 1, where cosines in [-1, 1] give a
+    # nearly flat softmax and almost no gradient (RCL sat at chance, NICL at 1/60 of DAP's gradient
+    # norm); 0.1 is in CLIP's range (its learned temperature starts at 0.07).
+    temperature: float = 0.1
+    nid_relu: bool = False  # True: eq. 10 as printed, softmax over ReLU'd logits (cannot rule a class out)
     # DAP logits are h.e / dap_temperature. None = automatic: sqrt(d) for content items (scaled dot
     # product: post-LN vectors have norm ~sqrt(d), so raw logits have std ~sqrt(d) and the loss
     # starts saturated, 87 instead of ln #candidates at d = 768), 1 for ID items (RecBole: their
@@ -87,7 +91,8 @@ class ObjectiveConfig:
     dap_temperature: float | None = None
     # logQ correction of sampled negatives (released code): in-batch candidates are drawn in
     # proportion to popularity, and without it the model learns a popularity-discounted score. It
-    # applies to "in_batch" and "mixed"; the full softmax ("catalogue") needs none. False = eq. 5 as printed.
+    # applies to DAP with "in_batch" or "mixed" negatives (the full softmax, "catalogue", needs none)
+    # and to NICL, whose negatives are always in-batch items. False = eq. 5 and 8 as printed.
     logq: bool = True
     shuffle_fraction: float = 0.15
     replace_fraction: float = 0.05
@@ -150,6 +155,9 @@ class TrainConfig:
     batch_size: int = 32  # users per process
     lr: float = 1e-4
     encoder_lr: float = 0.0  # learning rate of the top encoder blocks; 0 = lr (paper: one lr for all)
+    # Learning rate of the heads loaded from `init` (projections, fusion, user encoder); 0 = lr. A lower
+    # one (with warmup_steps) keeps fine-tuning from throwing the transferred start away.
+    init_lr: float = 0.0
     weight_decay: float = 0.1  # projections, fusion, user encoder; encoder blocks get 0
     warmup_steps: int = 0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
@@ -179,6 +187,9 @@ class TrainConfig:
         if not 0 <= self.train_window_stride <= self.max_len:
             raise ConfigError(f"train_window_stride = {self.train_window_stride}; must be in [1, max_len = "
                               f"{self.max_len}] (or 0 for max_len)")
+        if self.init_lr < 0 or self.encoder_lr < 0 or self.lr <= 0:
+            raise ConfigError(f"lr = {self.lr}, encoder_lr = {self.encoder_lr}, init_lr = {self.init_lr}: lr must be "
+                              "positive, encoder_lr and init_lr >= 0 (0 = lr)")
         if self.train_window_stride and self.train_windows != "all":
             raise ConfigError("train_window_stride needs train_windows = all")
         if self.select_metric not in {f"{m}@{k}" for k in self.ks for m in ("HR", "NDCG")}:
@@ -250,16 +261,61 @@ class TrainingStep(nn.Module):
             if items.text_cls is None or items.image_cls is None:
                 raise ConfigError("NICL needs both modalities; set objectives.nicl = 0 for a single-modality model")
             losses["nicl"] = nicl_loss(items.text_cls[inverse], items.image_cls[inverse], item_ids, o.nicl_variant,
-                                       o.temperature, o.nicl_next_in_denominator)
+                                       o.temperature, o.nicl_next_in_denominator, self.log_popularity)
         if corrupted_inverse is not None:  # NID / RCL on the corrupted inputs (eq. 10, 11)
             corrupted_states = self.model.encode_users(items.vector[corrupted_inverse], input_padding)
             if "nid" in self.weights:
-                losses["nid"] = nid_loss(self.model.detect_noise(corrupted_states), labels)
+                losses["nid"] = nid_loss(self.model.detect_noise(corrupted_states), labels, relu=o.nid_relu)
             if "rcl" in self.weights:
                 keep = ~input_padding
                 losses["rcl"] = rcl_loss(masked_mean_pool(user_states, keep), masked_mean_pool(corrupted_states, keep),
                                          o.temperature, o.rcl_normalize)
         return losses
+
+
+def optimizer_groups(model: PMMRec, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the pretrained encoder blocks (`encoder_lr`, no weight decay), the
+    heads loaded from `init` (`init_lr`), and the heads trained from scratch (`lr`)."""
+    groups = model.parameter_groups()
+    loaded = set()
+    if config.init and config.init_lr > 0:
+        loaded = {id(p) for part in TRANSFER_PARTS[config.transfer] for p in model.part(part).parameters()}
+    transferred = [p for p in groups["heads"] if id(p) in loaded]
+    fresh = [p for p in groups["heads"] if id(p) not in loaded]
+    result = [{"params": groups["encoder_blocks"], "weight_decay": 0.0, "lr": config.encoder_lr or config.lr},
+              {"params": fresh, "weight_decay": config.weight_decay, "lr": config.lr}]
+    if transferred:
+        result.append({"params": transferred, "weight_decay": config.weight_decay, "lr": config.init_lr})
+    return result
+
+
+def objective_gradient_norms(step: TrainingStep, inputs: tuple[Any, ...]) -> dict[str, float]:
+    """The norm of each weighted objective's gradient on the item tower and on the user encoder,
+    for one batch (`inputs` as `TrainingStep.forward` takes them): a dead objective shows as ~0.
+
+    Runs its own forward on the unwrapped module (no DDP hooks) and leaves `.grad` untouched.
+    Returns {"grad_<objective>_item_tower": norm, "grad_<objective>_user_encoder": norm, ...}.
+    """
+    parts = {name: [p for p in step.model.part(name).parameters() if p.requires_grad]
+             for name in ("item_tower", "user_encoder")}
+    params = [p for group in parts.values() for p in group]
+    losses = step(*inputs)
+    norms: dict[str, float] = {}
+    for objective, value in losses.items():
+        grads = torch.autograd.grad(step.weights[objective] * value, params, retain_graph=True, allow_unused=True)
+        start = 0
+        for part, group in parts.items():
+            squares = [g.float().pow(2).sum() for g in grads[start:start + len(group)] if g is not None]
+            norms[f"grad_{objective}_{part}"] = math.sqrt(float(sum(squares))) if squares else 0.0
+            start += len(group)
+    return norms
+
+
+def format_gradient_norms(norms: dict[str, float]) -> str:
+    """One line: 'grad norm (item tower / user encoder): dap 1.2 / 0.3, nicl ...'."""
+    objectives = [key[len("grad_"):-len("_item_tower")] for key in norms if key.endswith("_item_tower")]
+    cells = [f"{o} {norms[f'grad_{o}_item_tower']:.3g} / {norms[f'grad_{o}_user_encoder']:.3g}" for o in objectives]
+    return "grad norm (item tower / user encoder): " + ", ".join(cells)
 
 
 def log_sampling_probability(counts: np.ndarray) -> torch.Tensor:
@@ -477,14 +533,10 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     s = setup(config, accelerator.device)
     model, dataset, store = s.model, s.dataset, s.store
     weights = config.weights
-    log_pop = None
-    if config.objectives.logq and config.objectives.negatives != "catalogue":
+    log_pop = None  # in-batch DAP and NICL candidates are popularity-drawn: logQ needs their probabilities
+    if config.objectives.logq and (config.objectives.negatives != "catalogue" or "nicl" in weights):
         log_pop = log_sampling_probability(dataset.train_item_counts())
-    groups = model.parameter_groups()
-    optimizer = torch.optim.AdamW([
-        {"params": groups["encoder_blocks"], "weight_decay": 0.0, "lr": config.encoder_lr or config.lr},
-        {"params": groups["heads"], "weight_decay": config.weight_decay},
-    ], lr=config.lr)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, config), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0)
     catalogue = None
@@ -514,6 +566,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         if config.max_steps_per_epoch:
             batches = batches[: config.max_steps_per_epoch]
         sums: dict[str, torch.Tensor] = {}  # summed on the device: one host sync per step, not one per loss
+        grad_norms: dict[str, float] = {}
         items_seen = 0
         start = time.perf_counter()
         bar = tqdm(batches, desc=f"{config.stage} epoch {epoch + 1}/{config.epochs}", unit="step", dynamic_ncols=True,
@@ -526,12 +579,14 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
             sequences, users, store, accelerator.device, corruption, generator, trim=_trim_padding,
             predict=predict, uniform_negatives=uniform), enabled=config.prefetch)
         for step, (users, batch) in enumerate(zip(bar, prepared)):  # the batch is ready before its step
-            ids, inverse, states = batch.ids, batch.inverse, batch.states  # (B, N), (B, N), U unique items
-            corrupted_inverse, labels = batch.corrupted_inverse, batch.labels
+            # (B, N) ids, (B, N) their positions among the U unique items, and those items' states
+            inputs = (batch.ids.to(accelerator.device), batch.inverse.to(accelerator.device), batch.states,
+                      batch.corrupted_inverse, batch.labels, batch.predict, batch.negative_ids, batch.negative_inverse)
+            if step == 0:  # each objective's pull on the model, once per epoch (metrics.jsonl)
+                with accelerator.autocast():
+                    grad_norms = objective_gradient_norms(accelerator.unwrap_model(step_module), inputs)
             with accelerator.autocast():
-                losses = step_module(ids.to(accelerator.device), inverse.to(accelerator.device), states,
-                                     corrupted_inverse, labels, batch.predict, batch.negative_ids,
-                                     batch.negative_inverse)
+                losses = step_module(*inputs)
                 loss = sum(weights[name] * value for name, value in losses.items())
             loss_value = loss.item()  # the step's one host sync: the NaN guard and the progress bar need it
             if not math.isfinite(loss_value):
@@ -558,7 +613,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         epoch += 1
         state.epoch = epoch
         record = {"epoch": epoch, **{f"train_{k}": float(v) / max(1, len(batches)) for k, v in sums.items()},
-                  **{f"valid_{k}": v for k, v in metrics.items()}, "seconds": round(seconds, 2),
+                  **{f"valid_{k}": v for k, v in metrics.items()}, **grad_norms, "seconds": round(seconds, 2),
                   "items_per_s": round(items_seen / seconds, 1) if seconds > 0 else 0.0}
         improved = metrics[config.select_metric] > state.best_metric
         if improved:
@@ -571,6 +626,8 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
             print(f"epoch {epoch}: loss {record.get('train_loss', float('nan')):.4f}  valid "
                   f"HR@10 {metrics.get('HR@10', float('nan')):.4f}  NDCG@10 {metrics.get('NDCG@10', float('nan')):.4f}"
                   f"{'  (best)' if improved else ''}  {seconds:.1f} s")
+            if len(weights) > 1:
+                print("  " + format_gradient_norms(grad_norms))
     if state.bad_epochs >= config.patience and accelerator.is_main_process and show_progress:
         print(f"early stop: {config.select_metric} did not improve for {config.patience} epochs")
 

@@ -23,7 +23,8 @@ def test_finetuning_on_a_demo_domain_beats_random_ranking_by_a_wide_margin(tmp_p
     config = from_dict(train.TrainConfig, {
         "stage": "finetune", "dataset": "demo/toys", "data_dir": str(data), "cache_dir": str(cache),
         "runs_dir": str(runs), "run_name": "toys", "encoders": {"top_blocks": 1, "modalities": ["text"]},
-        "model": {"item_tower": {"d_model": 64, "fusion_heads": 2, "pooling": "mean", "modalities": ["text"]},
+        "model": {"item_tower": {"d_model": 64, "fusion_heads": 2, "pooling": "mean", "modality_vector": "mean",
+                                 "modalities": ["text"]},
                   "user_encoder": {"d_model": 64}},
         "epochs": 10, "patience": 10, "lr": 1e-3, "encoder_lr": 1e-5, "mixed_precision": "no", "seed": 0,
     })

@@ -135,6 +135,32 @@ def test_mean_pooling_is_the_masked_mean_of_fusion_outputs_and_differs_from_cls(
     assert (cls_out[:4] - out[:4]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("fuse_cls", [True, False])
+def test_modality_mean_pooling_weighs_each_modality_half(encoders, fuse_cls):
+    model = build(encoders, pooling="modality_mean", fuse_modality_cls=fuse_cls)
+    assert not hasattr(model.item_tower, "mm_cls")
+    states = make_states()
+    with torch.no_grad():
+        tower = model.item_tower
+        tokens, keep = tower.fusion_sequence(*tower.encode_modalities(states)[:2])
+        fused = tower.fuse(tokens, keep)
+        out = model.encode_items(states).vector
+    text_len = L - (0 if fuse_cls else 1)
+    assert tokens.shape[1] == text_len + P - (0 if fuse_cls else 1)
+
+    def mean(i, part):
+        rows = fused[i, :text_len] if part == "text" else fused[i, text_len:]
+        kept = keep[i, :text_len] if part == "text" else keep[i, text_len:]
+        return rows[kept].mean(0) if kept.any() else None
+
+    for i in range(5):
+        means = [m for m in (mean(i, "text"), mean(i, "image")) if m is not None]
+        expected = torch.stack(means).mean(0) if means else torch.zeros(D)  # one usable modality: its mean
+        torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-5)
+    # Item 0 has 4 text tokens and 5 patches: not the plain token mean.
+    assert (out[0] - fused[0][keep[0]].mean(0)).abs().max() > 1e-3
+
+
 def test_fusion_can_leave_out_the_modality_cls_tokens(encoders):
     model = build(encoders, fuse_modality_cls=False)
     tower = model.item_tower
@@ -162,6 +188,19 @@ def test_single_modality_item_is_its_projected_cls(encoders, modality):
         by_hand = proj(hidden[:, 0])
     usable = states.modality[:, 0 if modality == "text" else 1]
     torch.testing.assert_close(out.vector[usable], by_hand[usable], rtol=1e-5, atol=1e-5)
+
+
+def test_single_modality_mean_vector_is_the_token_mean(encoders):
+    model = build(encoders, modalities=("text",), modality_vector="mean")
+    states = make_states()
+    with torch.no_grad():
+        out = model.encode_items(states)
+        hidden = model.item_tower.text_top(states.text.float(), states.text_mask.long())
+        tokens = model.item_tower.text_proj(hidden)
+    usable = states.modality[:, 0]
+    for i in usable.nonzero().flatten().tolist():
+        torch.testing.assert_close(out.vector[i], tokens[i][states.text_mask[i]].mean(0), rtol=1e-5, atol=1e-5)
+    assert (out.vector[0] - out.text_cls[0]).abs().max() > 1e-3
 
 
 def test_text_only_states_feed_a_two_modality_tower(encoders):

@@ -279,6 +279,29 @@ def test_nicl_temperature_and_bad_variant():
         nicl_loss(texts, images, item_ids, variant="clip")
 
 
+def test_nicl_logq_hand_computed():
+    texts, images, item_ids = tiny_nicl_batch()
+    # Popularity: items 1, 2, 3 have probability 1/2, 1/4, 1/4; n = 4 candidates, so the only
+    # negative of user 0 (item 3) is expected once: log E = log(4 / 4) = 0 and nothing changes.
+    log_pop = torch.log(torch.tensor([1.0, 0.5, 0.25, 0.25]))
+    plain = nicl_loss(texts, images, item_ids)
+    assert nicl_loss(texts, images, item_ids, log_popularity=log_pop).item() == pytest.approx(plain.item(), abs=1e-6)
+    # Item 3 at probability 1/8: expected 0.5 copies, so its negative logits grow by log 2:
+    # user 0 -> log(2 + 2 (1 + 1/e)) / 2 ... by hand: denominator δ(t,v) + 2 δ(t, v3) + 2 δ(t, t3).
+    log_pop = torch.log(torch.tensor([1.0, 0.5, 0.375, 0.125]))
+    user0 = math.log(1 + 2 * 1 + 2 / E) - math.log(2 + E)
+    # User 1's negative is item 2 (p = 3/8, E = 1.5): both its anchors lose log 1.5 on the negatives.
+    # text anchor item 3 (-1, 0): positive δ(t3, v3) = 1, negatives δ(t3, v2) = 1/e, δ(t3, t2) = 1; its
+    # next item (item 1) adds δ(t3, v1) = 1 and δ(t3, t1) = 1/e to the numerator.
+    user1_text = math.log(1 + (1 / E + 1) / 1.5) - math.log(1 + 1 + 1 / E)
+    # image anchor item 3 (0, -1): δ(v3, t3) = 1, negatives δ(v3, t2) = 1/e, δ(v3, v2) = 1; next
+    # item: δ(v3, t1) = 1, δ(v3, v1) = 1/e.
+    user1_image = math.log(1 + (1 / E + 1) / 1.5) - math.log(1 + 1 + 1 / E)
+    expected = (user0 + (user1_text + user1_image) / 2) / 2
+    loss = nicl_loss(texts, images, item_ids, log_popularity=log_pop)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
 def test_nicl_ignores_padding_vectors():
     item_ids, texts, _, images = random_batch(4)
     loss = nicl_loss(texts, images, item_ids)
@@ -291,18 +314,29 @@ def test_nicl_ignores_padding_vectors():
 # ---------------------------------------------------------------- NID
 
 
-def test_nid_is_cross_entropy_over_relu_logits_ignoring_padding():
+def test_nid_is_cross_entropy_over_logits_ignoring_padding():
     logits = torch.tensor([[[1.0, -1.0, 0.5], [-2.0, 3.0, 0.0], [9.0, 9.0, 9.0]]])
     labels = torch.tensor([[0, 2, -100]])
-    # ReLU -> [1, 0, 0.5] label 0 ; [0, 3, 0] label 2; the padded position is ignored.
-    first = -1.0 + math.log(E + 1 + E**0.5)
-    second = -0.0 + math.log(1 + E**3 + 1)
+    # Plain logits: [1, -1, 0.5] label 0 ; [-2, 3, 0] label 2; the padded position is ignored.
+    first = -1.0 + math.log(E + E**-1 + E**0.5)
+    second = -0.0 + math.log(E**-2 + E**3 + 1)
     assert nid_loss(logits, labels).item() == pytest.approx((first + second) / 2, abs=1e-6)
-    # Applying ReLU before changes nothing.
-    assert nid_loss(F.relu(logits), labels).item() == pytest.approx((first + second) / 2, abs=1e-6)
+    # Eq. 10 as printed: ReLU -> [1, 0, 0.5] ; [0, 3, 0]: the negative logits are clipped to 0.
+    first_relu = -1.0 + math.log(E + 1 + E**0.5)
+    second_relu = -0.0 + math.log(1 + E**3 + 1)
+    assert nid_loss(logits, labels, relu=True).item() == pytest.approx((first_relu + second_relu) / 2, abs=1e-6)
     assert nid_loss(logits, torch.full_like(labels, -100)).item() == 0.0
     with pytest.raises(ValueError):
         nid_loss(logits[..., :2], labels)
+
+
+def test_nid_relu_cannot_rule_a_class_out():
+    # A classifier sure of class 0 wants the other logits very negative; ReLU clips them to 0, so
+    # its loss stays at log(1 + 2 e^-z) while plain logits reach ~0.
+    logits = torch.tensor([[[5.0, -20.0, -20.0]]])
+    labels = torch.tensor([[0]])
+    assert nid_loss(logits, labels).item() < 1e-6
+    assert nid_loss(logits, labels, relu=True).item() == pytest.approx(math.log(1 + 2 * E**-5), abs=1e-6)
 
 
 # ---------------------------------------------------------------- RCL and pooling

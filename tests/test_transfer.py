@@ -100,6 +100,31 @@ def test_single_modality_transfer_loads_only_that_tower(modality, prefixes, toy,
     assert any(k.startswith("fusion.") for k in not_used) and not any(k.startswith(prefixes) for k in not_used)
 
 
+MEAN_MODEL = {"item_tower": {"d_model": 32, "fusion_heads": 2, "pooling": "modality_mean"}, "user_encoder": {"d_model": 32}}
+
+
+@pytest.fixture(scope="module")
+def mean_source_run(toy, tmp_path_factory) -> Path:
+    """A multimodal pre-training run whose item vector is not a CLS token (modality-mean pooling)."""
+    config = train_config(toy, tmp_path_factory.mktemp("runs"), "mean-source", epochs=1, lr=1e-2, model=MEAN_MODEL)
+    return train.run(config, show_progress=False).run_dir
+
+
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_single_modality_transfer_vector_is_the_pretrained_cls(modality, toy, mean_source_run, tmp_path):
+    # Paper III-E: a text-only (vision-only) transfer represents an item by t^cls (v^cls), the
+    # vector NICL aligned in pre-training, whatever the multimodal run pooled its items with.
+    source = train.trained_setup(mean_source_run, torch.device("cpu"))
+    single = finetune_setup(toy, mean_source_run, tmp_path, modalities=[modality], model=MEAN_MODEL)
+    states = source.store.get(torch.arange(1, 9))
+    with torch.no_grad():
+        pretrained = source.model.eval().encode_items(states)
+        vector = single.model.eval().encode_items(states).vector
+    expected = pretrained.text_cls if modality == "text" else pretrained.image_cls
+    torch.testing.assert_close(vector, expected, rtol=1e-5, atol=1e-5)
+    assert (pretrained.vector - expected).abs().max() > 1e-3  # the fused vector is something else
+
+
 def test_a_text_only_model_needs_only_the_text_cache(toy, source_run, tmp_path):
     extract(from_dict(type(extract_config(toy)), {**to_dict(extract_config(toy, cache_dir=tmp_path / "cache")),
                                                   "modalities": ["text"]}), show_progress=False)
@@ -151,6 +176,26 @@ def test_ablation_switches_change_the_loss_terms(ablation, terms, variant, toy, 
     losses = step_losses(s.model, config.objectives, s.store, config.weights)
     assert set(losses) == terms and all(torch.isfinite(v) for v in losses.values())
     assert variants == ([variant] if "nicl" in terms else [])
+
+
+def test_the_step_passes_each_objective_its_settings(toy, tmp_path, monkeypatch):
+    # Working forms by default: NICL/RCL at temperature 0.1, NID over plain logits, logQ in NICL.
+    assert (ObjectiveConfig().temperature, ObjectiveConfig().nid_relu, ObjectiveConfig().logq) == (0.1, False, True)
+    seen: dict = {}
+    for name in ("nicl_loss", "nid_loss", "rcl_loss"):
+        real = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda *a, _real=real, _name=name, **k: seen.setdefault(_name, (a, k)) and _real(*a, **k))
+    config = train_config(toy, tmp_path, "settings", objectives={"temperature": 0.25, "nid_relu": True})
+    s = train.setup(config, torch.device("cpu"))
+    log_pop = train.log_sampling_probability(s.dataset.train_item_counts())
+    ids = torch.tensor([[1, 2, 3, 4], [0, 5, 6, 7], [8, 9, 10, 11]])
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    corrupted, labels = corrupt_sequences(ids[:, :-1], 0.3, 0.2, torch.Generator().manual_seed(0))
+    step = train.TrainingStep(s.model, config.objectives, config.weights, log_pop)
+    step(ids, inverse, s.store.get(unique), torch.searchsorted(unique, corrupted), labels)
+    nicl_args, rcl_args, nid_kwargs = seen["nicl_loss"][0], seen["rcl_loss"][0], seen["nid_loss"][1]
+    assert nicl_args[4] == 0.25 and nicl_args[6] is step.log_popularity and rcl_args[2] == 0.25
+    assert nid_kwargs == {"relu": True}
 
 
 # ------------------------------------------------------------------------------------------ baselines
@@ -252,3 +297,19 @@ def test_a_run_made_before_a_setting_existed_resumes_with_that_setting_at_its_de
     resumed = train.run(train_config(toy, tmp_path, "old", epochs=2, resume=True), show_progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
     assert json.loads(path.read_text())["data"] == to_dict(train_config(toy, tmp_path, "old").data)
+
+
+@pytest.mark.parametrize("transfer", ["full", "item", "user"])
+def test_transferred_heads_get_init_lr_and_fresh_ones_lr(transfer, toy, source_run, tmp_path):
+    s = finetune_setup(toy, source_run, tmp_path, transfer=transfer, lr=1e-3, init_lr=1e-5, encoder_lr=1e-4)
+    groups = train.optimizer_groups(s.model, s.config)
+    by_lr = {group["lr"]: {id(p) for p in group["params"]} for group in groups}
+    assert sum(len(group["params"]) for group in groups) == len([p for p in s.model.parameters() if p.requires_grad])
+    loaded = {id(p) for part in train.TRANSFER_PARTS[transfer] for p in s.model.part(part).parameters()}
+    blocks = {id(p) for p in s.model.parameter_groups()["encoder_blocks"]}
+    assert by_lr[1e-4] == blocks  # the pretrained encoder blocks keep encoder_lr
+    assert by_lr[1e-5] == loaded - blocks
+    assert not by_lr[1e-3] & loaded
+    assert bool(by_lr[1e-3]) == (transfer != "full")  # the fresh part
+    scratch = train.setup(train_config(toy, tmp_path, "plain", stage="finetune", init_lr=1e-5), torch.device("cpu"))
+    assert sorted(g["lr"] for g in train.optimizer_groups(scratch.model, scratch.config)) == [scratch.config.lr] * 2

@@ -11,6 +11,8 @@ states (trained), every token is projected to the model width d, and one Transfo
 Choices (paper vs released code, ICDE24/PMMRec):
 - pooling "cls": the fusion output at a learned `mm_cls` token (paper eq. 3). "mean": masked mean
   over every text and image token, with no `mm_cls` token in the sequence (released code).
+  "modality_mean": the text tokens' mean and the image patches' mean, averaged, so the modality
+  with more tokens (50 patches against ~12 words) does not swamp the other.
 - The fusion block is post-LN, BERT style (GELU, LayerNorm eps 1e-12, init N(0, 0.02)), like the
   released code's merge-attention block and like the post-LN text encoders it sits on.
 - `fuse_modality_cls`: True feeds each modality's own CLS token to the fusion too (released code
@@ -18,7 +20,8 @@ Choices (paper vs released code, ICDE24/PMMRec):
 - Missing modalities: a token of an unusable modality is masked out as a key (and zeroed), so an
   item without an image gets its vector from its text and vice versa.
 - One modality only (paper III-E text-/vision-only): no fusion; the item vector is that
-  modality's projected CLS ("cls") or the masked mean of its projected tokens ("mean", released).
+  modality's projected CLS t^cls / v^cls (`modality_vector = "cls"`, what the paper transfers and
+  NICL aligns) or the masked mean of its projected tokens ("mean", released code).
 - `projection = "mlp"` (the default when k = 0): a two-layer GELU adaptor instead of one linear
   map per token, since a linear map of frozen features is too weak an item model (MoRec's finding).
 - `fusion = "concat"` is the MoRec++ baseline (paper IV-B): no token-level fusion; each modality is
@@ -50,7 +53,15 @@ class ItemTowerConfig:
     fusion_heads: int = 12
     fusion_ffn: int | None = None  # FFN width of the fusion block; None = 4 * d_model
     dropout: float = 0.1
-    pooling: Literal["cls", "mean"] = "cls"  # "cls": paper (mm_cls output); "mean": released code
+    # Item vector from the fusion output: "cls" = the mm_cls token (paper eq. 3); "mean" = the mean
+    # over all text and image tokens (released code: with ~12 text tokens and 50 patches the image
+    # dominates it); "modality_mean" = the mean of the text tokens' mean and the image tokens' mean
+    # (each modality weighs half, however many tokens it has).
+    pooling: Literal["cls", "mean", "modality_mean"] = "cls"
+    # A single-modality item's vector (text- or vision-only, paper III-E): "cls" = the projected
+    # t^cls / v^cls, the vectors NICL aligns and the paper transfers; "mean" = the mean of the
+    # modality's projected tokens (released code; suits a frozen encoder trained for mean pooling).
+    modality_vector: Literal["cls", "mean"] = "cls"
     modalities: tuple[Modality, ...] = ("text", "image")
     fuse_modality_cls: bool = True  # feed the text / image CLS tokens to the fusion block too
     # Layer-norm placement in the fusion block: False = post-LN (BERT, the released code); True =
@@ -300,7 +311,7 @@ class ItemTower(nn.Module):
         Returns tokens (N, T, d) and keep (N, T) bool (True = a real, usable token).
         """
         parts = [m for m in (text, image) if m is not None]
-        start = 0 if self.config.fuse_modality_cls else 1  # position 0 of each modality is its CLS
+        start = self._first_fused
         tokens = [m.tokens[:, start:] for m in parts]
         keep = [m.keep[:, start:] for m in parts]
         if self.config.pooling == "cls":
@@ -309,35 +320,50 @@ class ItemTower(nn.Module):
             keep.insert(0, torch.ones(count, 1, dtype=torch.bool, device=parts[0].keep.device))
         return torch.cat(tokens, dim=1), torch.cat(keep, dim=1)  # (N, T, d), (N, T)
 
+    @property
+    def _first_fused(self) -> int:
+        """The first token of each modality that the fusion sees: 0, or 1 to leave out its CLS."""
+        return 0 if self.config.fuse_modality_cls else 1
+
     def fuse(self, tokens: Tensor, keep: Tensor) -> Tensor:
         """One fusion block over `tokens` (N, T, d) attending only to kept keys -> (N, T, d)."""
         return self.fusion(tokens, src_key_padding_mask=~_ensure_one_key(keep))
 
-    def pool(self, fused: Tensor, keep: Tensor) -> Tensor:
-        """Item vectors (N, d) from fusion outputs (N, T, d): the mm_cls output, or the masked token mean."""
+    def pool(self, fused: Tensor, keep: Tensor, text_tokens: int = 0) -> Tensor:
+        """Item vectors (N, d) from fusion outputs (N, T, d): the mm_cls output, the masked token
+        mean, or ("modality_mean") the average of the text part's and the image part's masked means,
+        the first `text_tokens` positions being text; an item with one usable modality gets its mean."""
         if self.config.pooling == "cls":
             return fused[:, 0]
-        return masked_mean(fused, keep)
+        if self.config.pooling == "mean":
+            return masked_mean(fused, keep)
+        parts = [(fused[:, :text_tokens], keep[:, :text_tokens]), (fused[:, text_tokens:], keep[:, text_tokens:])]
+        means = [(masked_mean(tokens, kept), kept.any(dim=1, keepdim=True).to(fused.dtype))
+                 for tokens, kept in parts if tokens.shape[1] > 0]
+        present = sum(weight for _, weight in means).clamp(min=1.0)  # (N, 1): usable modalities
+        return sum(mean * weight for mean, weight in means) / present
 
-    def pool_modality(self, single: ModalityTokens) -> Tensor:
+    def pool_modality(self, single: ModalityTokens, how: str) -> Tensor:
         """One modality's vector (N, d): its projected CLS ("cls") or its masked token mean ("mean")."""
-        return single.tokens[:, 0] if self.config.pooling == "cls" else masked_mean(single.tokens, single.keep)
+        return single.tokens[:, 0] if how == "cls" else masked_mean(single.tokens, single.keep)
 
     # ---- the tower -----------------------------------------------------------------------------------
     def forward(self, states: ItemStates) -> ItemOutput:
         """Cached states of N items (flat, de-duplicated by the caller) -> ItemOutput."""
         text, image, usable = self.encode_modalities(states)
         if self.config.fuses and self.config.fusion == "concat":
-            pooled = [self.pool_modality(m) if m is not None else None for m in (text, image)]
+            how = "cls" if self.config.pooling == "cls" else "mean"
+            pooled = [self.pool_modality(m, how) if m is not None else None for m in (text, image)]
             present = next(p for p in pooled if p is not None)
             # A modality missing from the states counts as unusable: zeros, like an unusable one.
             pooled = [p if p is not None else torch.zeros_like(present) for p in pooled]
             vector = self.concat_fusion(torch.cat(pooled, dim=-1))  # (N, d)
         elif self.config.fuses:
             tokens, keep = self.fusion_sequence(text, image)  # (N, T, d), (N, T)
-            vector = self.pool(self.fuse(tokens, keep), keep)  # (N, d)
+            text_tokens = tokens.shape[1] - (image.tokens.shape[1] - self._first_fused if image is not None else 0)
+            vector = self.pool(self.fuse(tokens, keep), keep, text_tokens)  # (N, d)
         else:
-            vector = self.pool_modality(text if text is not None else image)
+            vector = self.pool_modality(text if text is not None else image, self.config.modality_vector)
         return ItemOutput(
             vector=vector,
             text_cls=text.tokens[:, 0] if text is not None else None,

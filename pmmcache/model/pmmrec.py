@@ -208,8 +208,11 @@ def read_parts_config(directory: str | Path) -> tuple[PMMRecConfig, dict[str, An
     if record.get("kind") != CHECKPOINT_KIND:
         raise PmmcacheError(f"{path}: kind {record.get('kind')!r}, expected {CHECKPOINT_KIND!r}")
     config = record["config"]
-    if "projection" not in config.get("item_tower", {"projection": None}):  # saved before the MLP option
-        config = {**config, "item_tower": {**config["item_tower"], "projection": "linear"}}
+    tower = config.get("item_tower")
+    if tower is not None:  # settings added since: what a model saved before them computed
+        tower = {"projection": "linear", "modality_vector": "cls" if tower.get("pooling", "cls") == "cls" else "mean",
+                 **tower}
+        config = {**config, "item_tower": tower}
     return from_dict(PMMRecConfig, config, where=str(path)), record.get("encoders", {})
 
 
