@@ -623,8 +623,12 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         history.append(record)
         _save_epoch(accelerator, unwrapped, run_dir, epoch, improved, record, history)
         if accelerator.is_main_process and show_progress:
+            hr = metrics.get("HR@10", float("nan"))
+            # A hit rate over n users has standard error sqrt(p (1 - p) / n): epochs closer than ~2 of
+            # it are noise, which is what patience must be sized against.
+            noise = math.sqrt(hr * (1 - hr) / metrics["users"]) if metrics.get("users") else float("nan")
             print(f"epoch {epoch}: loss {record.get('train_loss', float('nan')):.4f}  valid "
-                  f"HR@10 {metrics.get('HR@10', float('nan')):.4f}  NDCG@10 {metrics.get('NDCG@10', float('nan')):.4f}"
+                  f"HR@10 {hr:.4f} (± {noise:.4f})  NDCG@10 {metrics.get('NDCG@10', float('nan')):.4f}"
                   f"{'  (best)' if improved else ''}  {seconds:.1f} s")
             if len(weights) > 1:
                 print("  " + format_gradient_norms(grad_norms))
