@@ -102,13 +102,18 @@ def run(job: DemoJobConfig) -> dict[str, Any]:
     for name, metrics in rows.items():
         ndcg = metrics["NDCG@10"]
         print(f"{name:<26}{metrics['HR@10']:>8.4f}{('' if ndcg != ndcg else f'{ndcg:.4f}'):>9}")
+    curves = {"from scratch": [r["valid_NDCG@10"] for r in scratch.history],
+              "pre-trained on sources": [r["valid_NDCG@10"] for r in transferred.history]}
+    print("valid NDCG@10 after each fine-tuning epoch (convergence, paper Fig. 3):")
+    for name, values in curves.items():
+        print(f"  {name:<24}" + " ".join(f"{v:.4f}" for v in values))
     text, image = manifest.get("text") or {}, manifest.get("image") or {}
     print(f"encoders: text = {text.get('resolved_path', text.get('spec', {}).get('name'))} "
           f"({'real pretrained weights' if text else 'absent'}); "
           f"vision = {image.get('architecture')} ({'pretrained' if image.get('pretrained') else 'RANDOM weights'})")
     seconds = time.perf_counter() - start
     print(f"demo finished in {seconds:.0f} s; runs in {job.runs_dir}")
-    summary = {"target": target, "test": rows, "seconds": round(seconds, 1),
+    summary = {"target": target, "test": rows, "valid_ndcg_by_epoch": curves, "seconds": round(seconds, 1),
                "encoders": {"text": text.get("spec"), "image": image.get("spec"),
                             "image_pretrained": bool(image.get("pretrained"))}}
     (Path(job.runs_dir) / "demo-summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")

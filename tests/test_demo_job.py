@@ -24,6 +24,10 @@ def test_demo_job_runs_every_stage_and_reruns_without_redoing_work(tmp_path, cap
     assert pretrained_config["init"].endswith("pretrain") and pretrained_config["stage"] == "finetune"
     assert summary["encoders"]["image_pretrained"] is False
     assert 0.0 <= summary["test"]["from scratch"]["HR@10"] <= 1.0
+    assert "valid NDCG@10 after each fine-tuning epoch" in out
+    scratch_history = [json.loads(line) for line in
+                       (tmp_path / "runs" / f"scratch-{target}" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["valid_ndcg_by_epoch"]["from scratch"] == [r["valid_NDCG@10"] for r in scratch_history]
 
     again = demo_job.run(job)  # resumes: the cache is complete and every run has finished its epochs
     assert "cache already complete" in capsys.readouterr().out
