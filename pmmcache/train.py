@@ -347,11 +347,28 @@ class TrainState:
     best_metric: float = -math.inf
     bad_epochs: int = 0
 
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    FILE = "train_state.json"
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+    def write(self, checkpoint: Path) -> None:
+        write_json(checkpoint / self.FILE, dict(self.__dict__))
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> "TrainState":
+        """The progress saved in `checkpoint`; a checkpoint without it (made by pmmcache before it
+        stopped pickling progress) is refused, since its pickle is not loaded."""
+        path = checkpoint / cls.FILE
+        pickles = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*"))
+        if pickles:  # accelerate would unpickle these in full: refuse rather than run what they hold
+            raise PmmcacheError(f"{checkpoint} holds {', '.join(pickles)}, a pickle that pmmcache does not load (it "
+                                "writes none); start a new run (another --run-name) instead of resuming this one")
+        if not path.is_file():
+            raise PmmcacheError(f"{path}: missing; this checkpoint keeps its progress in a pickle, which pmmcache "
+                                "does not load. Start a new run (another --run-name) instead of resuming it")
+        try:
+            values = json.loads(path.read_text())
+            return cls(**{name: values[name] for name in ("epoch", "best_epoch", "best_metric", "bad_epochs")})
+        except (ValueError, KeyError, TypeError) as err:
+            raise PmmcacheError(f"{path}: not a training state written by pmmcache ({err})") from err
 
 
 def epoch_batches(num_users: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
@@ -544,11 +561,13 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         catalogue = store.get(torch.arange(1, store.num_items + 1))
     step_module = TrainingStep(model, config.objectives, weights, log_pop, catalogue)
     step_module, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
+    # Progress is saved as JSON beside accelerate's state, never registered with accelerate: its custom
+    # checkpoints are full pickle loads, so a planted file in a run directory would run code on resume.
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
     if config.resume:
         latest = _latest_checkpoint(checkpoints)
         if latest is not None:
+            state = TrainState.read(latest)
             accelerator.load_state(str(latest))
             if accelerator.is_main_process and show_progress:
                 print(f"resumed from {latest} (epoch {state.epoch} done)")
@@ -621,7 +640,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         else:
             state.bad_epochs += 1
         history.append(record)
-        _save_epoch(accelerator, unwrapped, run_dir, epoch, improved, record, history)
+        _save_epoch(accelerator, unwrapped, run_dir, state, improved, record, history)
         if accelerator.is_main_process and show_progress:
             hr = metrics.get("HR@10", float("nan"))
             # A hit rate over n users has standard error sqrt(p (1 - p) / n): epochs closer than ~2 of
@@ -697,13 +716,15 @@ def _read_history(run_dir: Path, epochs_done: int) -> list[dict[str, Any]]:
     return [r for r in records if r["epoch"] <= epochs_done]
 
 
-def _save_epoch(accelerator: Accelerator, model: PMMRec, run_dir: Path, epoch: int, improved: bool,
+def _save_epoch(accelerator: Accelerator, model: PMMRec, run_dir: Path, state: TrainState, improved: bool,
                 record: dict[str, Any], history: list[dict[str, Any]]) -> None:
     """Checkpoint the epoch (state for --resume; parts for best/), then drop older checkpoints."""
     checkpoints = run_dir / "checkpoints"
+    epoch = state.epoch
     target = checkpoints / f"epoch-{epoch:04d}"
     accelerator.save_state(str(target), safe_serialization=True)
     if accelerator.is_main_process:
+        state.write(target)
         if improved:
             tmp_best = run_dir / "best.tmp"
             shutil.rmtree(tmp_best, ignore_errors=True)

@@ -290,6 +290,40 @@ def test_resume_may_extend_the_epochs_and_equals_the_uninterrupted_run(toy, pret
     assert [r["epoch"] for r in read_history(runs / "extended")] == [1, 2, 3]  # untouched by the refusals
 
 
+class _Planted:
+    """Unpickling this runs code: it creates the file named at pickling time."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_unpickles_nothing_from_the_run_directory(toy, pretrained, tmp_path):
+    import pickle
+
+    run_dir = train.run(train_config(toy, tmp_path / "runs", "planted", epochs=1), show_progress=False).run_dir
+    checkpoint = run_dir / "checkpoints" / "epoch-0001"
+    assert json.loads((checkpoint / "train_state.json").read_text())["epoch"] == 1  # progress is JSON
+    marker = tmp_path / "code-ran"
+    (checkpoint / "random_states_0.pkl").write_bytes(pickle.dumps(_Planted(marker)))  # loaded weights-only
+    resumed = train.run(train_config(toy, tmp_path / "runs", "planted", epochs=2, resume=True), show_progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert not marker.exists()
+    # accelerate loads custom checkpoints with a full pickle load: such a file is refused, not loaded,
+    # and so is a checkpoint without its JSON progress (an old pickled one).
+    latest = run_dir / "checkpoints" / "epoch-0002"
+    (latest / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    with pytest.raises(PmmcacheError, match="custom_checkpoint_0.pkl, a pickle that pmmcache does not load"):
+        train.run(train_config(toy, tmp_path / "runs", "planted", epochs=3, resume=True), show_progress=False)
+    (latest / "custom_checkpoint_0.pkl").unlink()
+    (latest / "train_state.json").unlink()
+    with pytest.raises(PmmcacheError, match="does not load"):
+        train.run(train_config(toy, tmp_path / "runs", "planted", epochs=3, resume=True), show_progress=False)
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------------------- 3. fine-tuning
 
 
