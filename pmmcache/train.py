@@ -548,6 +548,10 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     accelerator.wait_for_everyone()
 
     s = setup(config, accelerator.device)
+    if accelerator.is_main_process and not config.resume:  # only once setup worked: a failed start leaves nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.json", to_json(config) + "\n")
+    accelerator.wait_for_everyone()
     model, dataset, store = s.model, s.dataset, s.store
     weights = config.weights
     log_pop = None  # in-batch DAP and NICL candidates are popularity-drawn: logQ needs their probabilities
@@ -699,8 +703,6 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise PmmcacheError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                             "or choose another --run-name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(config_path, to_json(config) + "\n")
 
 
 def _latest_checkpoint(checkpoints: Path) -> Path | None:

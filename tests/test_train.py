@@ -434,6 +434,10 @@ def test_missing_cache_tells_to_run_extract(toy, tmp_path):
     config = train_config(toy, tmp_path / "runs", "no-cache", cache_dir=str(tmp_path / "empty-cache"))
     with pytest.raises(PmmcacheError, match=f"run `pmmcache extract --dataset {NAME}`"):
         train.run(config, show_progress=False)
+    # Nothing was written, so the same command works once the cache exists (no "already exists").
+    assert not (tmp_path / "runs" / "no-cache").exists()
+    shutil.copytree(toy.cache_dir, tmp_path / "empty-cache", dirs_exist_ok=True)
+    assert train.run(from_dict(TrainConfig, {**to_dict(config), "epochs": 1}), show_progress=False).best_epoch == 1
 
 
 def test_cache_made_by_other_encoder_weights_is_refused(toy, tmp_path):
