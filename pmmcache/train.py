@@ -187,9 +187,16 @@ class TrainConfig:
         if not 0 <= self.train_window_stride <= self.max_len:
             raise ConfigError(f"train_window_stride = {self.train_window_stride}; must be in [1, max_len = "
                               f"{self.max_len}] (or 0 for max_len)")
-        if self.init_lr < 0 or self.encoder_lr < 0 or self.lr <= 0:
+        if not (self.lr > 0 and self.init_lr >= 0 and self.encoder_lr >= 0 and math.isfinite(self.lr + self.init_lr
+                                                                                             + self.encoder_lr)):
             raise ConfigError(f"lr = {self.lr}, encoder_lr = {self.encoder_lr}, init_lr = {self.init_lr}: lr must be "
-                              "positive, encoder_lr and init_lr >= 0 (0 = lr)")
+                              "a positive number, encoder_lr and init_lr >= 0 (0 = lr)")
+        for name in ("warmup_steps", "max_steps_per_epoch", "grad_clip", "weight_decay"):
+            value = getattr(self, name)
+            if not value >= 0:  # also refuses NaN
+                raise ConfigError(f"{name} = {value}; must be >= 0")
+        if self.patience < 1 or self.max_len < 1:
+            raise ConfigError(f"patience = {self.patience}, max_len = {self.max_len}: both must be >= 1")
         if self.train_window_stride and self.train_windows != "all":
             raise ConfigError("train_window_stride needs train_windows = all")
         if self.select_metric not in {f"{m}@{k}" for k in self.ks for m in ("HR", "NDCG")}:

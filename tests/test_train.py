@@ -400,6 +400,13 @@ def test_a_nan_loss_stops_the_run_naming_the_last_good_checkpoint(toy, tmp_path,
     ("encoders.top_blocks=two", "encoders.top_blocks: expected an integer"),
     ("mask_history=maybe", "mask_history: expected true/false"),
     ("select_metric=HR@5", "select_metric 'HR@5'"),
+    ("lr=nan", "lr must be a positive number"),
+    ("lr=-1", "lr must be a positive number"),
+    ("init_lr=-1e-4", "init_lr = -0.0001"),
+    ("warmup_steps=-5", "warmup_steps = -5; must be >= 0"),
+    ("max_steps_per_epoch=-1", "max_steps_per_epoch = -1"),
+    ("patience=0", "patience = 0"),
+    ("max_len=0", "max_len = 0"),
 ])
 def test_bad_settings_are_config_errors_naming_the_key(setting, named, toy, tmp_path):
     data = train_settings(toy, tmp_path / "runs", "bad")
