@@ -215,7 +215,7 @@ class Recommender:
         user = self.model.user_vectors(table[ids], ids == 0).float()  # (1, d)
         scores = (user @ table.T)[0]  # (N + 1,)
         scores[0] = -torch.inf
-        return scores
+        return scores.masked_fill(scores.isnan(), -torch.inf)  # a NaN (a corrupt item state) is never recommended
 
     def recommend(self, history: list[str] | tuple[str, ...], k: int = 10,
                   include_history: bool = False) -> list[Recommendation]:
@@ -356,6 +356,11 @@ def export_items(config: ExportConfig) -> Path:
     recommender = Recommender(config.run)
     catalogue = recommender.catalogue
     vectors = catalogue.table[1:].float().cpu().numpy()  # (N, d)
+    broken = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if broken.size:
+        names = ", ".join(catalogue.keys[i] for i in broken[:5]) + (f" and {broken.size - 5} more" if broken.size > 5 else "")
+        raise PmmcacheError(f"{broken.size} item vector(s) are not finite ({names}): their cached states are "
+                            "corrupt; re-extract those items (`pmmcache extract`) before exporting")
     meta = {"run": str(config.run), "config": recommender.config, "items": len(catalogue.keys),
             "trained_items": catalogue.trained, "added_items": len(catalogue.keys) - catalogue.trained,
             "score": "dot product of a user vector and these vectors"}

@@ -224,3 +224,25 @@ def test_export_holds_every_catalogue_item_with_the_models_vectors_and_the_runs_
         assert json.loads(str(npz["metadata"]))["config"] == config
     # The export is what the recommender scores against.
     np.testing.assert_array_equal(Recommender(run_dir).catalogue.table[1:].numpy(), vectors)
+
+
+def test_a_non_finite_item_is_never_recommended_and_export_refuses_it(trained, tmp_path, monkeypatch):
+    from pmmcache import recommend as recommend_module
+
+    _, run_dir = trained
+    real_build = recommend_module.build_catalogue
+
+    def corrupt_build(*args, **kwargs):  # one item's vector is NaN, as corrupt cached states make it
+        catalogue = real_build(*args, **kwargs)
+        catalogue.table[3] = float("nan")
+        return catalogue
+
+    monkeypatch.setattr(recommend_module, "build_catalogue", corrupt_build)
+    recommender = Recommender(run_dir)
+    broken = recommender.catalogue.keys[2]  # row 3
+    ranked = recommender.recommend(list(HISTORY), k=len(recommender.catalogue.keys), include_history=True)
+    assert broken not in [r.key for r in ranked] and len(ranked) == len(recommender.catalogue.keys) - 1
+    assert all(np.isfinite(r.score) for r in ranked)
+    with pytest.raises(PmmcacheError, match=f"1 item vector\\(s\\) are not finite \\({broken}\\)"):
+        recommend_module.export_items(recommend_module.ExportConfig(run=run_dir, output=tmp_path / "items.npz"))
+    assert not (tmp_path / "items.npz").exists()
