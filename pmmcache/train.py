@@ -199,6 +199,11 @@ class TrainConfig:
             raise ConfigError(f"patience = {self.patience}, max_len = {self.max_len}: both must be >= 1")
         if self.train_window_stride and self.train_windows != "all":
             raise ConfigError("train_window_stride needs train_windows = all")
+        if self.stage == "finetune" and not self.objectives.dap > 0:
+            raise ConfigError(f"objectives.dap = {self.objectives.dap}: fine-tuning trains DAP alone, so its weight "
+                              "must be positive")
+        if not self.weights:
+            raise ConfigError("every objective weight is 0 (objectives.dap/nicl/nid/rcl): nothing to train")
         if self.select_metric not in {f"{m}@{k}" for k in self.ks for m in ("HR", "NDCG")}:
             raise ConfigError(f"select_metric {self.select_metric!r} must be HR@k or NDCG@k with k in {self.ks}")
         if self.modalities is not None and (not self.modalities or not set(self.modalities) <= {"text", "image"}
@@ -257,13 +262,16 @@ class TrainingStep(nn.Module):
         # back from the most recent item, so the target must not be part of its input).
         inputs, input_padding = vectors[:, :-1], padding[:, :-1]
         user_states = self.model.encode_users(inputs, input_padding)  # (B, N - 1, d), causal
-        if o.negatives == "catalogue":  # every item is a candidate: encode the whole catalogue (no logQ)
+        losses: dict[str, torch.Tensor] = {}
+        if "dap" not in self.weights:
+            pass
+        elif o.negatives == "catalogue":  # every item is a candidate: encode the whole catalogue (no logQ)
             table = self.model.encode_items(self.catalogue).vector  # (N, d)
-            losses = {"dap": catalogue_dap_loss(user_states, table, item_ids, None, temperature, predict)}
+            losses["dap"] = catalogue_dap_loss(user_states, table, item_ids, None, temperature, predict)
         else:
             extra = items.vector[negative_inverse] if negative_inverse is not None else None  # (M, d)
-            losses = {"dap": dap_loss(user_states, vectors, item_ids, self.log_popularity, temperature,
-                                      extra, negative_ids if extra is not None else None, predict)}
+            losses["dap"] = dap_loss(user_states, vectors, item_ids, self.log_popularity, temperature,
+                                     extra, negative_ids if extra is not None else None, predict)
         if "nicl" in self.weights:
             if items.text_cls is None or items.image_cls is None:
                 raise ConfigError("NICL needs both modalities; set objectives.nicl = 0 for a single-modality model")

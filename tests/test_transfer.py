@@ -178,6 +178,18 @@ def test_ablation_switches_change_the_loss_terms(ablation, terms, variant, toy, 
     assert variants == ([variant] if "nicl" in terms else [])
 
 
+def test_pretraining_without_dap_trains_the_other_objectives_and_finetuning_needs_dap(toy, tmp_path):
+    config = train_config(toy, tmp_path, "no-dap", objectives={"dap": 0.0})
+    assert set(config.weights) == {"nicl", "nid", "rcl"}
+    s = train.setup(config, torch.device("cpu"))
+    losses = step_losses(s.model, config.objectives, s.store, config.weights)
+    assert set(losses) == {"nicl", "nid", "rcl"} and all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ConfigError, match="fine-tuning trains DAP alone"):
+        train_config(toy, tmp_path, "no-dap", stage="finetune", objectives={"dap": 0.0})
+    with pytest.raises(ConfigError, match="nothing to train"):
+        train_config(toy, tmp_path, "none", objectives={"dap": 0.0, "nicl": 0.0, "nid": 0.0, "rcl": 0.0})
+
+
 def test_the_step_passes_each_objective_its_settings(toy, tmp_path, monkeypatch):
     # Working forms by default: NICL/RCL at temperature 0.1, NID over plain logits, logQ in NICL.
     assert (ObjectiveConfig().temperature, ObjectiveConfig().nid_relu, ObjectiveConfig().logq) == (0.1, False, True)
