@@ -60,6 +60,14 @@ def test_pmmrec_text_and_folder_images(tmp_path):
     assert problem.path.endswith("shop_users.tsv")
 
 
+def test_a_byte_order_mark_does_not_become_part_of_the_first_key(tmp_path):
+    write_pmmrec(tmp_path, users="\ufeffu1\ta b\nu2\tb a\n", texts="\ufeffa\tRed mug\nb\tBlue plate\n")
+    raw = read_pmmrec(tmp_path, "shop")
+    assert raw.items == {"a": "Red mug", "b": "Blue plate"}
+    assert raw.interactions == [("u1", "a", None, 0), ("u1", "b", None, 1), ("u2", "b", None, 2), ("u2", "a", None, 3)]
+    assert raw.problems == []
+
+
 def test_pmmrec_text_only_and_image_only(tmp_path):
     text_only = read_pmmrec(write_pmmrec(tmp_path / "t", texts="a\tA\nb\tB\nc\tC\n"), "shop")
     assert text_only.image_store is None and text_only.image_keys == {}

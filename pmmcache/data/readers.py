@@ -58,11 +58,12 @@ class RawDataset:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its newline), skipping blank lines."""
+    """(1-based line number, line without its newline), skipping blank lines. A UTF-8 byte-order mark
+    (as spreadsheet tools write) is dropped, so it never becomes part of the first key or header."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8").rstrip("\r\n")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
                 raise DataError(f"not valid UTF-8 ({err.reason})", path, number) from err
             if line.strip():
