@@ -694,8 +694,8 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
 _trim_padding = trim_padding  # looked up per batch: the resume test hooks it to kill a run mid-epoch
 
 
-# Settings a resumed run may change: how long it goes on, not what it trains.
-RESUMABLE_CHANGES = ("epochs", "patience", "resume")
+# Settings a resumed run may change: how long it goes on and how batches reach the step, not what it trains.
+RESUMABLE_CHANGES = ("epochs", "patience", "resume", "prefetch")
 
 
 def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
