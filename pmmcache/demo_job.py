@@ -46,7 +46,8 @@ class DemoJobConfig:
     max_steps_per_epoch: int = 0  # 0 = whole epochs; small values make a smoke run
 
 
-def _train_config(job: DemoJobConfig, **fields: Any) -> train.TrainConfig:
+def train_config(job: DemoJobConfig, **fields: Any) -> train.TrainConfig:
+    """The TrainConfig of one of the demo's runs: the job's shared settings plus `fields`."""
     d = job.d_model
     data = {
         "data_dir": job.data_dir, "cache_dir": job.cache_dir, "runs_dir": job.runs_dir, "cache_dataset": "demo",
@@ -56,7 +57,7 @@ def _train_config(job: DemoJobConfig, **fields: Any) -> train.TrainConfig:
                   "user_encoder": {"d_model": d, "n_heads": 2}},
         "batch_size": job.batch_size, "lr": job.lr, "encoder_lr": job.encoder_lr, "seed": job.seed,
         "patience": max(job.pretrain_epochs, job.finetune_epochs),  # runs this short never stop early
-        "max_steps_per_epoch": job.max_steps_per_epoch,
+        "max_steps_per_epoch": job.max_steps_per_epoch, "train_windows": "all",  # every training item a target
         **fields,
     }
     return from_dict(train.TrainConfig, data)
@@ -82,12 +83,12 @@ def run(job: DemoJobConfig) -> dict[str, Any]:
         return train.run(from_dict(train.TrainConfig, {**to_dict(config), "resume": resume}))
 
     print(f"== 2/4 pre-train on the source domains {', '.join(sources)} (DAP + NICL + NID + RCL)")
-    pretrained = fresh_or_resumed(_train_config(job, stage="pretrain", dataset=source_spec, run_name="pretrain",
+    pretrained = fresh_or_resumed(train_config(job, stage="pretrain", dataset=source_spec, run_name="pretrain",
                                                 epochs=job.pretrain_epochs))
     print(f"== 3/4 fine-tune on the target domain {target}: from scratch, then from the pre-trained run")
-    scratch = fresh_or_resumed(_train_config(job, stage="finetune", dataset=target_spec, run_name=f"scratch-{target}",
+    scratch = fresh_or_resumed(train_config(job, stage="finetune", dataset=target_spec, run_name=f"scratch-{target}",
                                              epochs=job.finetune_epochs))
-    transferred = fresh_or_resumed(_train_config(job, stage="finetune", dataset=target_spec,
+    transferred = fresh_or_resumed(train_config(job, stage="finetune", dataset=target_spec,
                                                  run_name=f"pretrained-{target}", epochs=job.finetune_epochs,
                                                  init=str(pretrained.run_dir)))
     print("== 4/4 full-rank test metrics on", target_spec)

@@ -6,6 +6,7 @@ import pytest
 
 from pmmcache.config import from_dict, load_file
 from pmmcache.demo_job import DemoJobConfig
+from pmmcache.demo_job import train_config as demo_job_train_config
 from pmmcache.pipeline import parse_recipe, plan
 from pmmcache.train import TrainConfig
 
@@ -35,3 +36,6 @@ def test_demo_pretrain_file_matches_the_demo_job():
     assert (config.encoders.top_blocks, config.model.item_tower.d_model, config.model.item_tower.pooling,
             config.model.item_tower.fusion_norm_first, config.lr, config.encoder_lr, config.epochs) == (
         job.top_blocks, job.d_model, job.pooling, job.fusion_norm_first, job.lr, job.encoder_lr, job.pretrain_epochs)
+    ran = demo_job_train_config(job, stage="pretrain", dataset="demo/kitchen,demo/garden", run_name="pretrain",
+                                epochs=job.pretrain_epochs)
+    assert (config.train_windows, config.patience) == (ran.train_windows, ran.patience)
