@@ -15,8 +15,8 @@ import torch
 from accelerate import Accelerator
 
 from pmmcache.items import ItemStore
-from pmmcache.metrics import (full_rank_metrics, popularity_diagnostics, popularity_percentiles, summarize,
-                              top_k_items)
+from pmmcache.metrics import (full_rank_metrics, metric_names, popularity_diagnostics, popularity_percentiles,
+                              rank_metrics, summarize, top_k_items)
 from pmmcache.model import PMMRec
 
 
@@ -110,15 +110,22 @@ def evaluate_cases(model: PMMRec, table: torch.Tensor, histories: np.ndarray | t
     histories, targets = torch.as_tensor(histories).long(), torch.as_tensor(targets).long()
     start, end = _shard(len(targets), accelerator)
     users = user_vectors(model, table, histories[start:end], batch_size)
-    mine_histories = histories[start:end].to(table.device)
-    per_case = full_rank_metrics(users, table, targets[start:end].to(table.device), mine_histories, ks=ks,
-                                 batch_size=batch_size, mask_history=mask_history)
+    mine_histories, mine_targets = histories[start:end].to(table.device), targets[start:end].to(table.device)
+    if popularity is None:
+        per_case = full_rank_metrics(users, table, mine_targets, mine_histories, ks=ks, batch_size=batch_size,
+                                     mask_history=mask_history)
+    else:  # each chunk's scores serve both the metrics and the top-k diagnostics: scored once
+        items, chunks, top = table.float(), [], []
+        for i in range(0, len(users), batch_size):
+            scores = users[i:i + batch_size].float() @ items.T  # (b, N + 1)
+            exclude = mine_histories[i:i + batch_size] if mask_history else None
+            chunks.append(rank_metrics(scores, mine_targets[i:i + batch_size], ks, exclude))
+            top.append(top_k_items(scores, max(ks), exclude))
+        per_case = ({name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]} if chunks else
+                    {name: users.new_zeros(0) for name in metric_names(ks)})
     per_case = {name: _gather_shards(values, len(targets), accelerator) for name, values in per_case.items()}
     summary = summarize(per_case)
     if popularity is not None:
-        top = [top_k_items(users[i:i + batch_size].float() @ table.float().T, max(ks),
-                           mine_histories[i:i + batch_size] if mask_history else None)
-               for i in range(0, len(users), batch_size)]
         mine = torch.cat(top) if top else torch.zeros(0, max(ks), dtype=torch.long, device=table.device)
         everyone = _gather_shards(mine, len(targets), accelerator)  # (C, K)
         summary.update(popularity_diagnostics(everyone, popularity_percentiles(popularity.cpu()),
@@ -139,6 +146,14 @@ def format_diagnostics(results: dict[str, dict[str, float]], k: int = 10) -> str
             lines.append(f"{split}: top-{k} popularity percentile {metrics[f'PopPct@{k}']:.1f} "
                          f"(catalogue mean 50), catalogue coverage@{k} {metrics[f'Coverage@{k}']:.3f}")
     return "\n".join(lines)
+
+
+def format_with_popularity(results: dict[str, dict[str, float]], popular: dict[str, dict[str, float]],
+                           ks: tuple[int, ...] = (10, 20, 50)) -> str:
+    """The metrics table with popularity ranking's rows (`pop:<split>`) under the model's, then the
+    diagnostics of the model's top 10."""
+    return (format_table({**results, **{f"pop:{split}": v for split, v in popular.items()}}, ks) + "\n"
+            + format_diagnostics(results))
 
 
 def format_table(results: dict[str, dict[str, float]], ks: tuple[int, ...] = (10, 20, 50)) -> str:
@@ -187,7 +202,6 @@ def run_cli(run_dir: Path, dataset: str | None = None, mask_history: bool = True
         target = output or run_dir / "eval-full-rank.json"
         target.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if show:
-            print(format_table({**results, **{f"pop:{k}": v for k, v in popular.items()}}, config.ks))
-            print(format_diagnostics(results))
+            print(format_with_popularity(results, popular, config.ks))
             print(f"{s.store.num_items} items, history {'masked' if mask_history else 'not masked'}; wrote {target}")
     return record

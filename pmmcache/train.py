@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +37,7 @@ from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, VisionEncoder
 from pmmcache.errors import ConfigError, PmmcacheError
 from pmmcache.files import write_json, write_text_atomic
-from pmmcache.evaluate import evaluate_splits, format_diagnostics, format_table, popularity_ranking
+from pmmcache.evaluate import evaluate_splits, format_with_popularity, popularity_ranking
 from pmmcache.items import IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache
 from pmmcache.model import PMMRec, PMMRecConfig, build_pmmrec
 from pmmcache.model.pmmrec import read_parts_config
@@ -263,12 +263,10 @@ class TrainingStep(nn.Module):
         inputs, input_padding = vectors[:, :-1], padding[:, :-1]
         user_states = self.model.encode_users(inputs, input_padding)  # (B, N - 1, d), causal
         losses: dict[str, torch.Tensor] = {}
-        if "dap" not in self.weights:
-            pass
-        elif o.negatives == "catalogue":  # every item is a candidate: encode the whole catalogue (no logQ)
+        if "dap" in self.weights and o.negatives == "catalogue":  # every item a candidate (no logQ)
             table = self.model.encode_items(self.catalogue).vector  # (N, d)
             losses["dap"] = catalogue_dap_loss(user_states, table, item_ids, None, temperature, predict)
-        else:
+        elif "dap" in self.weights:
             extra = items.vector[negative_inverse] if negative_inverse is not None else None  # (M, d)
             losses["dap"] = dap_loss(user_states, vectors, item_ids, self.log_popularity, temperature,
                                      extra, negative_ids if extra is not None else None, predict)
@@ -381,7 +379,7 @@ class TrainState:
                                 "does not load. Start a new run (another --run-name) instead of resuming it")
         try:
             values = json.loads(path.read_text())
-            return cls(**{name: values[name] for name in ("epoch", "best_epoch", "best_metric", "bad_epochs")})
+            return cls(**{f.name: values[f.name] for f in fields(cls)})
         except (ValueError, KeyError, TypeError) as err:
             raise PmmcacheError(f"{path}: not a training state written by pmmcache ({err})") from err
 
@@ -684,8 +682,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
                                             "popularity_ranking": popular,
                                             "mask_history": config.mask_history, "dataset": config.dataset})
         if show_progress:
-            print(format_table({**final, **{f"pop:{k}": v for k, v in popular.items()}}, config.ks))
-            print(format_diagnostics(final))
+            print(format_with_popularity(final, popular, config.ks))
             print(f"best epoch {state.best_epoch}; run directory {run_dir}")
     accelerator.wait_for_everyone()
     return TrainResult(run_dir=run_dir, best_epoch=state.best_epoch, metrics=final, history=history)
