@@ -203,6 +203,46 @@ def test_single_modality_mean_vector_is_the_token_mean(encoders):
     assert (out.vector[0] - out.text_cls[0]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("modalities, fusion", [(("text",), "attention"), (("image",), "attention"),
+                                                 (("text", "image"), "concat")])
+def test_pooled_projection_equals_the_token_mean_for_a_linear_map(encoders, modalities, fusion):
+    """project = pooled averages the states before a linear projection: the same vectors, 1/L the work."""
+    settings = {"modalities": modalities, "modality_vector": "mean", "pooling": "mean", "fusion": fusion,
+                "projection": "linear"}
+    states = make_states()
+    with torch.no_grad():
+        per_token = build(encoders, **settings).encode_items(states)
+        pooled = build(encoders, project="pooled", **settings).encode_items(states)
+    torch.testing.assert_close(pooled.vector, per_token.vector, rtol=1e-5, atol=1e-5)
+    for name in ("text_cls", "image_cls"):
+        if getattr(per_token, name) is not None:
+            torch.testing.assert_close(getattr(pooled, name), getattr(per_token, name), rtol=1e-5, atol=1e-5)
+
+
+def test_pooled_projection_puts_the_mlp_after_the_mean(encoders):
+    model = build(encoders, modalities=("text",), modality_vector="mean", projection="mlp", project="pooled")
+    states = make_states()
+    with torch.no_grad():
+        out = model.encode_items(states)
+        hidden = model.item_tower.text_top(states.text.float(), states.text_mask.long())
+        per_token = build(encoders, modalities=("text",), modality_vector="mean", projection="mlp").encode_items(states)
+    usable = states.modality[:, 0]
+    proj = model.item_tower.text_proj
+    for i in usable.nonzero().flatten().tolist():
+        with torch.no_grad():
+            by_hand = proj(hidden[i][states.text_mask[i]].mean(0))
+        torch.testing.assert_close(out.vector[i], by_hand, rtol=1e-5, atol=1e-5)
+    assert (out.vector[usable] - per_token.vector[usable]).abs().max() > 1e-3  # a different model than mean∘MLP
+    assert not out.vector[~usable].any() and not out.text_cls[~usable].any()
+
+
+@pytest.mark.parametrize("settings", [{"project": "pooled"},  # attention fusion reads every token
+                                      {"project": "pooled", "modalities": ("text",)}])  # CLS vector
+def test_pooled_projection_refuses_configs_that_need_tokens(encoders, settings):
+    with pytest.raises(ConfigError, match="project = pooled"):
+        build(encoders, **settings)
+
+
 def test_text_only_states_feed_a_two_modality_tower(encoders):
     model = build(encoders)
     states = make_states()

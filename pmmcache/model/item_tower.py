@@ -75,6 +75,13 @@ class ItemTowerConfig:
     # else "linear"; stage 2 resolves it when the run is made, so saved configs hold the concrete choice.
     projection: Literal["auto", "linear", "mlp"] = "auto"
     projection_hidden: int | None = None  # hidden width of the "mlp" projection; None = 4 * d_model
+    # Where a pooled item vector is projected (one modality with modality_vector "mean", or concat
+    # fusion with token means): "tokens" = project every token, then average (released code);
+    # "pooled" = average the encoder states, then project the mean (and the CLS, for t^cls / v^cls).
+    # With a linear projection the two are the same vector and "pooled" is only cheaper (2 rows per
+    # item instead of L); with the MLP adaptor "pooled" is the MLP of the frozen encoder's mean
+    # embedding (how a mean-pooled sentence encoder is meant to be read), at 1/L of the cost.
+    project: Literal["tokens", "pooled"] = "tokens"
 
     def __post_init__(self) -> None:
         if self.d_model < 1:
@@ -103,6 +110,28 @@ class ItemTowerConfig:
             return self
         return dataclasses.replace(self, projection="mlp" if top_blocks == 0 else "linear")
 
+    def check_project(self) -> None:
+        """`project = "pooled"` fits only a tower that pools each modality's tokens by their mean.
+
+        Checked when the tower is built, since a run's modalities are set after its item_tower section.
+        """
+        if self.project != "pooled":
+            return
+        if self.fuses and self.fusion == "attention":
+            raise ConfigError("item_tower.project = pooled needs one modality or fusion = concat: "
+                              "the attention fusion block reads every projected token")
+        if self.pooled_how == "cls":
+            raise ConfigError("item_tower.project = pooled averages the tokens, but this config takes the CLS "
+                              "(modality_vector = cls with one modality, or pooling = cls with concat fusion); "
+                              "set it to mean, or project = tokens")
+
+    @property
+    def pooled_how(self) -> str:
+        """How a modality is pooled on its own (one modality, or concat fusion): "cls" or "mean"."""
+        if self.fuses:
+            return "cls" if self.pooling == "cls" else "mean"
+        return self.modality_vector
+
     @property
     def fuses(self) -> bool:
         """Whether items are built by the fusion block (both modalities) or from one modality alone."""
@@ -123,8 +152,9 @@ class ItemOutput:
 class ModalityTokens:
     """One modality after its top blocks and projection."""
 
-    tokens: Tensor  # (N, T, d), zeros where the modality is unusable
+    tokens: Tensor  # (N, T, d), zeros where the modality is unusable; (N, 1, d) = the CLS alone with project "pooled"
     keep: Tensor  # (N, T) bool: token may be attended to / pooled
+    pooled: Tensor | None = None  # (N, d) projection of the masked mean state (project "pooled"), else None
 
 
 def _ensure_one_key(keep: Tensor) -> Tensor:
@@ -163,6 +193,7 @@ class ItemTower(nn.Module):
         d_vision: int | None = None,
     ):
         super().__init__()
+        config.check_project()
         self.config = config
         self.has_text = "text" in config.modalities
         self.has_image = "image" in config.modalities
@@ -275,8 +306,7 @@ class ItemTower(nn.Module):
         token_mask = states.text_mask.to(device=weight.device, dtype=torch.bool)  # (N, L)
         # Rows with no token at all (the padding item) still get a key, so attention cannot go NaN.
         hidden = self.text_top(hidden, _ensure_one_key(token_mask).long())  # (N, L, d_text)
-        tokens = self.text_proj(hidden).masked_fill(~usable[:, None, None], 0.0)  # (N, L, d)
-        return ModalityTokens(tokens, token_mask & usable[:, None])
+        return self._project(self.text_proj, hidden, token_mask & usable[:, None], usable)
 
     def _encode_image(self, states: ItemStates, usable: Tensor) -> ModalityTokens:
         weight = _first_weight(self.vision_proj)
@@ -285,9 +315,18 @@ class ItemTower(nn.Module):
             raise CacheMismatchError(
                 f"cached image states have shape {tuple(hidden.shape)}; the vision tower expects (N, P, {self.d_vision})")
         hidden = self.vision_top(hidden)  # (N, P, d_vision)
-        tokens = self.vision_proj(hidden).masked_fill(~usable[:, None, None], 0.0)  # (N, P, d)
-        keep = usable[:, None].expand(-1, tokens.shape[1])  # (N, P): every patch of a usable image
-        return ModalityTokens(tokens, keep)
+        keep = usable[:, None].expand(-1, hidden.shape[1])  # (N, P): every patch of a usable image
+        return self._project(self.vision_proj, hidden, keep, usable)
+
+    def _project(self, projection: nn.Module, hidden: Tensor, keep: Tensor, usable: Tensor) -> ModalityTokens:
+        """States (N, T, width) -> ModalityTokens: every token projected, or (project "pooled") only
+        the CLS and the masked mean state; unusable rows are zeros."""
+        unusable = ~usable[:, None, None]  # (N, 1, 1)
+        if self.config.project == "tokens":
+            return ModalityTokens(projection(hidden).masked_fill(unusable, 0.0), keep)  # (N, T, d)
+        both = projection(torch.stack([hidden[:, 0], masked_mean(hidden, keep)], dim=1))  # (N, 2, d)
+        both = both.masked_fill(unusable, 0.0)
+        return ModalityTokens(both[:, :1], keep[:, :1], pooled=both[:, 1])
 
     def encode_modalities(self, states: ItemStates) -> tuple[ModalityTokens | None, ModalityTokens | None, Tensor]:
         """Top blocks + projection per modality -> (text tokens or None, image tokens or None, usable (N, 2))."""
@@ -345,14 +384,16 @@ class ItemTower(nn.Module):
 
     def pool_modality(self, single: ModalityTokens, how: str) -> Tensor:
         """One modality's vector (N, d): its projected CLS ("cls") or its masked token mean ("mean")."""
-        return single.tokens[:, 0] if how == "cls" else masked_mean(single.tokens, single.keep)
+        if how == "cls":
+            return single.tokens[:, 0]
+        return single.pooled if single.pooled is not None else masked_mean(single.tokens, single.keep)
 
     # ---- the tower -----------------------------------------------------------------------------------
     def forward(self, states: ItemStates) -> ItemOutput:
         """Cached states of N items (flat, de-duplicated by the caller) -> ItemOutput."""
         text, image, usable = self.encode_modalities(states)
         if self.config.fuses and self.config.fusion == "concat":
-            how = "cls" if self.config.pooling == "cls" else "mean"
+            how = self.config.pooled_how
             pooled = [self.pool_modality(m, how) if m is not None else None for m in (text, image)]
             present = next(p for p in pooled if p is not None)
             # A modality missing from the states counts as unusable: zeros, like an unusable one.
