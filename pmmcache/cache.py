@@ -10,6 +10,9 @@ Layout of `cache/<dataset>/<key>.h5` (row i = item index i of the prepared datas
     /image/scale      (N+1, P)      float16 per-token scale, int8 caches only
     /modality         (N+1, 2)      uint8: [text usable, image usable]
     /flags            (N+1,)        uint8 bit field of problems (see FLAG_*)
+    /item_hash        (N+1, 16)     uint8 fingerprint of the item content the row was encoded from
+                                    (`PreparedDataset.item_fingerprints`; zeros for row 0)
+    /checksum         (N+1,)        uint32 CRC-32 of the row in every other per-row dataset (sorted by name)
     /done             (N+1,)        uint8: row fully written
     /complete         (1,)          uint8: every row done and the report written
     attrs: format_version, manifest (JSON)
@@ -18,7 +21,11 @@ Why this shape (DESIGN.md): h5py fancy indexing on chunked data is ~100x too slo
 every dataset is contiguous, allocated when the file is created, and then written and read through
 `np.memmap` at the dataset's byte offset. After creation no HDF5 metadata is ever modified, so a
 process killed at any moment leaves a readable file; a row counts only once its `done` byte is set,
-which happens after its states were written.
+which happens after its states, item hash and checksum were written. An item whose content changed
+is re-encoded in place: its `done` byte (and `complete`) are cleared first, then it is written again.
+The file is allocated on disk when created (`posix_fallocate`), so a write through a memory map
+cannot fail with SIGBUS on a full disk. Caches of older pmmcache versions lack `item_hash` and
+`checksum`: they are read, with a warning that they cannot be checked.
 
 int8 caches (`pmmcache extract --cache-dtype int8`) halve the file: each token row of d values is
 stored as int8 with one float16 scale, symmetric (x ~ q * scale, scale = max|x| / 127), and the
@@ -28,11 +35,16 @@ cache of the same encoders and vice versa.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import uuid
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import h5py
 import numpy as np
@@ -68,6 +80,9 @@ class ArraySpec:
     dtype: str
 
 
+ITEM_HASH_BYTES = 16  # = prepare.ITEM_FINGERPRINT_BYTES
+BOOKKEEPING = ("item_hash", "checksum", "done", "complete")  # not covered by the row checksum
+ZEROED = ("modality", "flags", "item_hash", "checksum", "done", "complete")  # read before written
 STATES_DTYPES = ("float16", "int8")  # how the states are stored (`storage_dtype` in the manifest)
 INT8_MAX = 127  # symmetric: -127..127, so that q and -q are both representable
 
@@ -82,6 +97,8 @@ def cache_layout(num_rows: int, text: tuple[int, int] | None, image: tuple[int, 
     specs = [
         ArraySpec("modality", (num_rows, 2), "uint8"),
         ArraySpec("flags", (num_rows,), "uint8"),
+        ArraySpec("item_hash", (num_rows, ITEM_HASH_BYTES), "uint8"),
+        ArraySpec("checksum", (num_rows,), "uint32"),
         ArraySpec("done", (num_rows,), "uint8"),
         ArraySpec("complete", (1,), "uint8"),
     ]
@@ -119,29 +136,103 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.float() * scale.float().unsqueeze(-1)).to(torch.float16)
 
 
+def layout_bytes(layout: list[ArraySpec], keys: list[str]) -> int:
+    """Bytes a cache of this layout takes on disk (datasets, keys and a margin for HDF5 metadata)."""
+    arrays = sum(int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize for spec in layout)
+    return arrays + sum(len(k.encode()) + 16 for k in keys) + (1 << 20)
+
+
+def check_free_space(directory: Path, needed: int, what: str) -> None:
+    """PmmcacheError when the file system of `directory` has less than `needed` bytes free."""
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise PmmcacheError(f"not enough disk space for {what}: it needs {_size(needed)}, {directory} has "
+                            f"{_size(free)} free; free {_size(needed - free)} or pass another --cache-dir, "
+                            "then rerun the same command")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def reserve_space(path: Path, shown: Path | None = None) -> None:
+    """Allocate every block of the file now, so that writes through a memory map cannot hit a full disk
+    (SIGBUS, no message) later. Already allocated blocks are kept: rerunning after freeing space works."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with explain_disk_full(shown or path, size):
+            os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        # a file system without allocation: the free-space check before creation must do
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def explain_disk_full(path: Path, needed: int) -> Iterator[None]:
+    """Turn a disk-full or quota OSError raised in the block into a message saying how much is needed
+    and where; other errors pass unchanged."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise PmmcacheError(f"disk full while writing {path} ({err.strerror}): the cache needs {_size(needed)} "
+                            f"on {path.parent}, {_size(shutil.disk_usage(path.parent).free)} free now; free space "
+                            "or pass another --cache-dir, then rerun the same command (finished rows are kept)"
+                            ) from err
+
+
+def _tmp_owner_alive(tmp: Path) -> bool:
+    """Whether the process named in a temporary file's name (`<name>.tmp<pid>-<id>`) still runs."""
+    pid = tmp.name.rsplit(".tmp", 1)[-1].split("-")[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def create_cache(path: Path, manifest: dict[str, Any], keys: list[str], layout: list[ArraySpec]) -> None:
-    """Create the file with every dataset allocated, atomically (temporary name, then rename)."""
+    """Create the file with every dataset allocated on disk, atomically (temporary name, then rename).
+
+    Checks the free space first; a temporary file of a process that still runs is never touched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(path.name + ".tmp*"):  # left by a process killed while creating
-        stale.unlink(missing_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["manifest"] = json.dumps(manifest, sort_keys=True)
-        f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
-        for spec in layout:
-            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # offsets exist now, for np.memmap
-            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # do not write zeros we will overwrite
-            f.create_dataset(spec.name, shape=spec.shape, dtype=spec.dtype, dcpl=dcpl)
-    with open(tmp, "r+b") as raw:  # zero the small bookkeeping arrays (they are read before written)
-        for spec, offset in _offsets(tmp, layout).items():
-            if spec.name in ("modality", "flags", "done", "complete"):
-                raw.seek(offset)
-                raw.write(bytes(int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize))
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
+        if not _tmp_owner_alive(stale):
+            stale.unlink(missing_ok=True)
+    needed = layout_bytes(layout, keys)
+    check_free_space(path.parent, needed, f"the cache {path}")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with explain_disk_full(path, needed), h5py.File(tmp, "w") as f:
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["manifest"] = json.dumps(manifest, sort_keys=True)
+            f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
+            for spec in layout:
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # offsets exist now, for np.memmap
+                dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # do not write zeros we will overwrite
+                f.create_dataset(spec.name, shape=spec.shape, dtype=spec.dtype, dcpl=dcpl)
+        reserve_space(tmp, shown=path)
+        with open(tmp, "r+b") as raw:  # zero the small bookkeeping arrays (they are read before written)
+            for spec, offset in _offsets(tmp, layout).items():
+                if spec.name in ZEROED:
+                    raw.seek(offset)
+                    raw.write(bytes(int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize))
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _offsets(path: Path, layout: list[ArraySpec]) -> dict[ArraySpec, int]:
@@ -153,6 +244,25 @@ def _offsets(path: Path, layout: list[ArraySpec]) -> dict[ArraySpec, int]:
                 raise PmmcacheError(f"{path}: dataset {spec.name} is not allocated contiguously")
             offsets[spec] = offset
         return offsets
+
+
+def open_maps(path: Path, mode: Literal["r", "r+"] = "r", names: set[str] | None = None) -> dict[str, np.memmap]:
+    """Memory maps of the contiguous datasets of a cache (all, or those in `names`)."""
+    return {spec.name: np.memmap(path, dtype=spec.dtype, mode=mode, offset=offset, shape=spec.shape)
+            for spec, offset in _offsets(path, read_layout(path)).items() if names is None or spec.name in names}
+
+
+def row_checksums(maps: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """(len(rows),) uint32: CRC-32 of each row's bytes in every per-row dataset but the bookkeeping
+    ones, taken in name order: what `/checksum` holds for a row written whole."""
+    names = sorted(name for name in maps if name not in BOOKKEEPING)
+    out = np.zeros(len(rows), np.uint32)
+    for j, row in enumerate(np.asarray(rows).tolist()):
+        crc = 0
+        for name in names:
+            crc = zlib.crc32(np.ascontiguousarray(maps[name][row:row + 1]), crc)
+        out[j] = crc
+    return out
 
 
 def read_layout(path: Path) -> list[ArraySpec]:
@@ -210,8 +320,7 @@ class CacheWriter:
     def __init__(self, path: Path):
         self.path = path
         self.layout = read_layout(path)
-        self.maps = {spec.name: np.memmap(path, dtype=spec.dtype, mode="r+", offset=offset, shape=spec.shape)
-                     for spec, offset in _offsets(path, self.layout).items()}
+        self.maps = open_maps(path, mode="r+")
 
     def has(self, name: str) -> bool:
         return name in self.maps
@@ -221,13 +330,25 @@ class CacheWriter:
         return np.flatnonzero(self.maps["done"] == 0)
 
     def write(self, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
-        """Write `arrays[name][j]` into row `rows[j]`, flush, then mark the rows done."""
+        """Write `arrays[name][j]` into row `rows[j]` and the rows' checksums, flush, then mark the rows
+        done. The checksum covers what the rows hold then, so `arrays` should give every per-row dataset."""
         rows = np.asarray(rows)
         for name, values in arrays.items():
             self.maps[name][rows] = values
-        for name in arrays:
-            self.maps[name].flush()
+        if self.has("checksum"):
+            self.maps["checksum"][rows] = row_checksums(self.maps, rows)
+        for name in self.maps:
+            if name != "done":
+                self.maps[name].flush()
         self.maps["done"][rows] = 1
+        self.maps["done"].flush()
+
+    def mark_pending(self, rows: np.ndarray) -> None:
+        """Make `rows` pending again (to re-encode them): the cache stops being complete first, so no
+        reader takes it as whole while they are rewritten; a kill at any point leaves them pending."""
+        self.maps["complete"][0] = 0
+        self.maps["complete"].flush()
+        self.maps["done"][np.asarray(rows)] = 0
         self.maps["done"].flush()
 
     def is_complete(self) -> bool:
@@ -289,10 +410,8 @@ class CacheReader:
             raise PmmcacheError(f"{self.path} is incomplete (extraction was interrupted); "
                                 "rerun `pmmcache extract` with the same options to finish it")
         self.device = torch.device(device)
-        layout = read_layout(self.path)
         wanted = {"text/states", "text/mask", "text/scale", "image/states", "image/scale", "modality"}
-        self._maps = {spec.name: np.memmap(self.path, dtype=spec.dtype, mode="r", offset=offset, shape=spec.shape)
-                      for spec, offset in _offsets(self.path, layout).items() if spec.name in wanted}
+        self._maps = open_maps(self.path, names=wanted)
         self.num_rows = self._maps["modality"].shape[0]
         self.storage = self._choose_storage(storage, gpu_fraction, ram_fraction)
         # Host storage stays numpy: its fancy indexing into a fresh array is ~6x faster than

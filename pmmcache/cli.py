@@ -80,6 +80,7 @@ def main() -> None:
 
     \b
     Stage 1  pmmcache extract   frozen lower encoder blocks, once per item -> cache/<dataset>/<key>.h5
+             pmmcache verify-cache   every row of a cache against its checksums
     Stage 2  pmmcache train     top blocks + fusion + user encoder on cached states
              pmmcache eval      full-ranking evaluation over all items (--cold-start: cold items)
     Serve    pmmcache recommend / add-items / export-items   top-k, new items, the item table
@@ -130,6 +131,17 @@ def extract(config_file: str | None, **options: Any) -> None:
 
     _quiet_libraries()
     stage.run(build_config(stage.ExtractConfig, config_file, options))
+
+
+@main.command("verify-cache")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--reencode", is_flag=True, help="Mark damaged rows for re-encoding: the next `pmmcache extract` with the options that made the cache encodes just those items again.")
+def verify_cache(paths: tuple[str, ...], reencode: bool) -> None:
+    """Check every row of feature caches (files, or folders of *.h5) against the checksums written at
+    extraction and for NaN/inf states; name damaged rows and their items, exit non-zero if any."""
+    from pmmcache import integrity as stage
+
+    stage.run(stage.VerifyConfig(paths=tuple(Path(p) for p in paths), reencode=reencode))
 
 
 @main.command()

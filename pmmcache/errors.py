@@ -27,3 +27,7 @@ class ConfigError(PmmcacheError):
 
 class CacheMismatchError(PmmcacheError):
     """A feature cache made with other settings than the ones asked for."""
+
+
+class CacheCorruptError(PmmcacheError):
+    """A feature cache whose stored bytes do not match their checksums, or hold non-finite states."""

@@ -3,6 +3,11 @@
 `run(ExtractConfig)` is what `pmmcache extract` calls. Under `accelerate launch` every process encodes
 its share of the pending rows and writes them into the same file (each row belongs to one process);
 the main process creates the file first and marks it complete last.
+
+Rerunning it after items changed re-encodes just those rows (same item keys in the same order, new
+text or image bytes); a changed item set (items added or removed) needs `--force`. The main process
+holds `<cache>.lock` from start to end, so a second `extract` of the same cache waits (saying for
+whom) and then finds the work done.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import io
 import os
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,12 +30,13 @@ from tqdm.auto import tqdm
 from pmmcache import cache as cache_io
 from pmmcache.config import to_dict
 from pmmcache.data.images import open_image_store
-from pmmcache.data.prepare import PrepareConfig
+from pmmcache.data.prepare import PrepareConfig, problem_lines
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, VisionEncoderSpec
 from pmmcache.encoders.hub import packaged_text_model_path
 from pmmcache.errors import CacheMismatchError, ConfigError, PmmcacheError
 from pmmcache.files import write_json
+from pmmcache.locks import exclusive_lock, lock_timeout
 from pmmcache.runtime import use_cpu
 
 Modality = Literal["text", "image"]
@@ -133,6 +140,7 @@ def build_manifest(dataset: Any, text: TextEncoder | None, vision: VisionEncoder
 
     return {
         "format_version": cache_io.FORMAT_VERSION,
+        # The dataset as it was when the file was created; rows re-encoded later are tracked by /item_hash.
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_items": dataset.num_items},
         "item_order": "row i = item index i of the prepared dataset; row 0 = padding",
         "text": encoder_entry(text),
@@ -238,6 +246,9 @@ class ExtractResult:
 def run(config: ExtractConfig, show_progress: bool = True) -> ExtractResult:
     """Extract (or resume extracting) the cache for `config.dataset`; returns what was done."""
     dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir), config.data)
+    if _process_state(config.device).is_main_process:
+        for line in problem_lines(dataset.report):
+            print(f"warning: {line}")
     return extract_dataset(dataset, config, show_progress=show_progress)
 
 
@@ -269,6 +280,15 @@ def extract_dataset(dataset: Any, config: ExtractConfig, path: Path | None = Non
     path = Path(path) if path is not None else cache_path(Path(config.cache_dir), config.dataset,
                                                           cache_key(text_spec, vision_spec))
 
+    lock = (exclusive_lock(path.with_name(path.name + ".lock"), f"the cache {path}", lock_timeout())
+            if state.is_main_process else nullcontext())
+    with lock:
+        return _extract_into(path, manifest, dataset, text, vision, config, state, device, show_progress)
+
+
+def _extract_into(path: Path, manifest: dict, dataset: Any, text: TextEncoder | None, vision: VisionEncoder | None,
+                  config: ExtractConfig, state: PartialState, device: torch.device,
+                  show_progress: bool) -> ExtractResult:
     if state.is_main_process:
         _prepare_file(path, manifest, dataset, text, vision, force=config.force, states_dtype=config.cache_dtype)
     state.wait_for_everyone()
@@ -286,14 +306,20 @@ def extract_dataset(dataset: Any, config: ExtractConfig, path: Path | None = Non
     loader = DataLoader(rows, batch_size=None, shuffle=False, num_workers=config.num_workers,
                         persistent_workers=False, prefetch_factor=4 if config.num_workers > 0 else None)
     row_bytes = _row_bytes(writer)
+    hashes = np.zeros((dataset.num_items + 1, cache_io.ITEM_HASH_BYTES), np.uint8)  # row 0 = padding: zeros
+    hashes[1:] = dataset.item_fingerprints()
     progress = tqdm(total=len(pending), unit="item", desc=f"extract {config.dataset}", dynamic_ncols=True,
                     disable=not (show_progress and state.is_main_process))
     start = time.perf_counter()
     done = 0
     try:
-        with torch.no_grad():
+        # The file is allocated up front; a disk full here is elsewhere (e.g. the temporary folder).
+        with torch.no_grad(), cache_io.explain_disk_full(path, row_bytes * len(pending)):
             for batch in loader:
-                writer.write(batch.rows, _encode(batch, text, vision, device, config.cache_dtype))
+                arrays = _encode(batch, text, vision, device, config.cache_dtype)
+                if writer.has("item_hash"):
+                    arrays["item_hash"] = hashes[batch.rows]
+                writer.write(batch.rows, arrays)
                 done += len(batch.rows)
                 progress.update(len(batch.rows) * state.num_processes)
     finally:
@@ -313,21 +339,67 @@ def extract_dataset(dataset: Any, config: ExtractConfig, path: Path | None = Non
 
 def _prepare_file(path: Path, manifest: dict, dataset: Any, text: TextEncoder | None, vision: VisionEncoder | None,
                   force: bool, states_dtype: str = "float16") -> None:
-    """Create the cache file, or check that an existing one was made with the same settings."""
+    """Create the cache file, or check that an existing one was made with the same settings and mark the
+    rows of items that changed since for re-encoding."""
     if path.exists():
         try:
-            cache_io.check_manifest(path, manifest)
-            return
-        except (CacheMismatchError, PmmcacheError) as err:
+            # The dataset part is checked item by item: changed items are re-encoded, not refused.
+            cache_io.check_manifest(path, {key: value for key, value in manifest.items() if key != "dataset"})
+            _mark_changed_items(path, dataset)
+        except PmmcacheError as err:
             if not force:
                 raise CacheMismatchError(f"{err}\nPass --force to rebuild it (the old file is replaced).") from None
             path.unlink()
+        else:
+            if not cache_io.is_complete(path):  # made before space was reserved, or resumed after a disk full
+                cache_io.reserve_space(path)
+            return
     layout = cache_io.cache_layout(
         dataset.num_items + 1,
         (text.spec.max_length, text.d_model) if text else None,
         (vision.num_tokens, vision.d_model) if vision else None,
         states_dtype)
     cache_io.create_cache(path, manifest, [""] + dataset.item_keys(), layout)
+
+
+def _mark_changed_items(path: Path, dataset: Any) -> None:
+    """Make the rows of items whose text or image changed since extraction pending again.
+
+    CacheMismatchError when the rows no longer line up with the items (items added, removed or
+    reordered) or the cache records no item fingerprints (older pmmcache)."""
+    keys = cache_io.read_keys(path)[1:]
+    current = dataset.item_keys()
+    if keys != current:
+        raise CacheMismatchError(_item_set_change(path, keys, current, dataset.name))
+    maps = cache_io.open_maps(path, names={"item_hash", "done"})  # read-only: an unchanged cache stays untouched
+    if "item_hash" not in maps:
+        raise CacheMismatchError(f"{path} was made by an older pmmcache: it records no per-item fingerprints "
+                                 "or checksums, so items changed since cannot be found")
+    done = maps["done"][1:] == 1
+    differs = (maps["item_hash"][1:] != dataset.item_fingerprints()).any(axis=1)
+    changed = np.flatnonzero(done & differs) + 1  # cache rows
+    if len(changed):
+        names = [current[row - 1] for row in changed]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        print(f"{len(names)} item(s) changed since they were extracted ({shown}): re-encoding them in {path}")
+        writer = cache_io.CacheWriter(path)
+        writer.mark_pending(changed)
+        writer.close()
+
+
+def _item_set_change(path: Path, keys: list[str], current: list[str], name: str) -> str:
+    before, now = set(keys), set(current)
+    added = [k for k in current if k not in before]
+    removed = [k for k in keys if k not in now]
+
+    def listed(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    parts = ([f"{len(added)} added ({listed(added)})"] if added else []) + (
+        [f"{len(removed)} removed ({listed(removed)})"] if removed else [])
+    change = "; ".join(parts) if parts else "the same items in another order"
+    return (f"{path}: the item set of dataset {name!r} changed since extraction: {change}. Rows would move, so "
+            "the cache cannot be updated in place; `pmmcache extract --force` re-extracts every item")
 
 
 def _item_columns(dataset: Any) -> tuple[list[str | None], list[tuple[int, str | None]]]:
@@ -389,7 +461,8 @@ def _finish(path: Path, dataset: Any) -> dict[str, int]:
     report = {"cache": path.name, "items": dataset.num_items, "item_problems": problems,
               "dataset_report": dataset.report}
     report_path = path.with_suffix(".report.json")
-    write_json(report_path, report)
+    with cache_io.explain_disk_full(report_path, 1 << 20):
+        write_json(report_path, report)
     writer.mark_complete()
     writer.close()
     counts = {name: len(keys_) for name, keys_ in problems.items()}

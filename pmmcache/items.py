@@ -2,9 +2,14 @@
 
 The cache is keyed by item key, so a model trained on `demo/kitchen` reads the cache extracted for
 `demo` (all domains), and items extracted later (new items) are found the same way.
+
+`open_item_store` is where every stage-2 command (train, eval, recommend, coldstart, export-items)
+opens the cache for a dataset; it checks there, once, that the cached states are of the items as they
+are now (per-item fingerprints of text and image bytes) and samples the rows' checksums.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +18,10 @@ import torch
 
 from pmmcache import cache as cache_io
 from pmmcache.encoders import TextEncoder, VisionEncoder
-from pmmcache.errors import PmmcacheError
+from pmmcache.errors import CacheMismatchError, PmmcacheError
+from pmmcache.integrity import check_sample
+
+SHOWN = 5  # changed items named in a message; the rest are counted
 
 
 def default_cache_dataset(dataset: str) -> str:
@@ -54,6 +62,18 @@ def expected_manifest(text: TextEncoder | None, vision: VisionEncoder | None) ->
     return expected
 
 
+def open_item_store(path: Path, dataset: Any, expected: dict[str, Any], storage: cache_io.Storage = "auto",
+                    device: str | torch.device = "cpu") -> "ItemStore":
+    """The cached states of a prepared `dataset`'s items, from the cache at `path` made by the encoders
+    `expected` describes. Refuses (CacheMismatchError) a cache whose states are of changed items, and
+    (CacheCorruptError) one whose sampled rows fail their checksums."""
+    reader = cache_io.CacheReader(path, expected=expected, storage=storage, device=device)
+    check_sample(reader.path)
+    store = ItemStore(reader, dataset.item_keys())
+    store.check_current(dataset.item_fingerprints())
+    return store
+
+
 class ItemStore:
     """Cached states by dataset item index (0 = padding), through a key -> cache-row map."""
 
@@ -72,6 +92,30 @@ class ItemStore:
     @property
     def num_items(self) -> int:
         return len(self.rows) - 1
+
+    def check_current(self, fingerprints: np.ndarray) -> None:
+        """CacheMismatchError naming the items whose content changed since their states were extracted.
+
+        `fingerprints`: (N, 16) uint8, `PreparedDataset.item_fingerprints()` in dataset index order.
+        A cache without item hashes (older pmmcache) cannot be checked: a warning says so."""
+        path = self.reader.path
+        hashes = cache_io.open_maps(path, names={"item_hash"}).get("item_hash")
+        if hashes is None:
+            print(f"warning: {path} records no per-item fingerprints (made by an older pmmcache): it cannot be "
+                  "checked against the current items; rerun `pmmcache extract` with --force to record them",
+                  file=sys.stderr)
+            return
+        changed = np.flatnonzero((hashes[self.rows[1:].numpy()] != fingerprints).any(axis=1))  # dataset index - 1
+        if not len(changed):
+            return
+        keys = cache_io.read_keys(path)
+        names = [keys[int(self.rows[i + 1])] for i in changed]
+        shown = ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+        made_by = self.reader.manifest.get("extract", {}).get("dataset") or self.reader.manifest["dataset"]["name"]
+        raise CacheMismatchError(
+            f"{path} holds states of an older version of {len(names)} item(s) (their text or image changed "
+            f"since extraction): {shown}; run `pmmcache extract --dataset {made_by}` with the options that made "
+            "the cache to re-encode just those items")
 
     def get(self, indices: torch.Tensor, trim_text: bool = True) -> cache_io.ItemStates:
         """States of dataset items `indices`. `trim_text` drops token columns that are padding for

@@ -38,7 +38,7 @@ from pmmcache.encoders import TextEncoder, VisionEncoder
 from pmmcache.errors import ConfigError, PmmcacheError
 from pmmcache.files import write_json, write_text_atomic
 from pmmcache.evaluate import evaluate_splits, format_with_popularity, popularity_ranking
-from pmmcache.items import IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache
+from pmmcache.items import IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache, open_item_store
 from pmmcache.model import PMMRec, PMMRecConfig, build_pmmrec
 from pmmcache.model.pmmrec import read_parts_config
 from pmmcache.runtime import use_cpu
@@ -522,9 +522,8 @@ def setup(config: TrainConfig, device: torch.device) -> Setup:
                                            "modalities": [m for m in ("text", "image") if m in wanted]})
         text, vision = load_encoders(choice, cache_dataset)
         path = find_cache(Path(config.cache_dir), cache_dataset, text, vision)
-        reader = cache_io.CacheReader(path, expected=expected_manifest(text, vision), storage=config.storage,
-                                      device=device)
-        store = ItemStore(reader, dataset.item_keys())
+        store = open_item_store(path, dataset, expected_manifest(text, vision), storage=config.storage,
+                                device=device)
         model = build_pmmrec(model_config, text, vision)
     transfer = transfer_init(model, config) if config.init else None
     return Setup(config=config, dataset=dataset, store=store, model=model, cache_path=path, transfer=transfer)

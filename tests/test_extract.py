@@ -303,7 +303,8 @@ def test_interrupted_extraction_resumes_without_redoing_rows(sig, baseline, toy_
 # ------------------------------------------------------------------------------- 4. mismatch
 
 
-def test_changed_title_or_text_weights_are_refused_until_forced(baseline, toy_data, bert_dir, tmp_path):
+def test_changed_title_is_re_encoded_alone_and_other_weights_are_refused_until_forced(
+        baseline, toy_data, bert_dir, tmp_path, monkeypatch):
     data_dir, cache_dir = tmp_path / "data", tmp_path / "cache"
     shutil.copytree(toy_data, data_dir)
     model_dir = shutil.copytree(bert_dir, tmp_path / "bert")
@@ -311,19 +312,16 @@ def test_changed_title_or_text_weights_are_refused_until_forced(baseline, toy_da
     assert_same_states(first.path, baseline.path)
 
     rewrite_line(data_dir / NAME / f"{NAME}_items_texts.tsv", 4, "i3\tthe old cat story, edited")
-    with pytest.raises(CacheMismatchError, match="--force") as err:
-        run(toy_config(data_dir, cache_dir, model_dir), show_progress=False)
-    assert "dataset.fingerprint" in str(err.value) and "lower_fingerprint" not in str(err.value)
-    assert cache_io.is_complete(first.path)  # the refused cache is left as it was
-
-    rebuilt = run(toy_config(data_dir, cache_dir, model_dir, force=True), show_progress=False)
-    assert rebuilt.path == first.path and rebuilt.items == NUM_ITEMS
-    new_fingerprint = resolve_dataset(NAME, data_dir, cache_dir).fingerprint
-    reader = cache_io.CacheReader(rebuilt.path, expected={"dataset": {"fingerprint": new_fingerprint}})
+    written = record_written_rows(monkeypatch)
+    refreshed = run(toy_config(data_dir, cache_dir, model_dir), show_progress=False)
+    assert refreshed.path == first.path and refreshed.items == 1 and written == [4]  # only item i3 (row 4)
+    monkeypatch.undo()
+    rebuilt = run(toy_config(data_dir, tmp_path / "fresh", model_dir), show_progress=False)
+    assert_same_states(refreshed.path, rebuilt.path)  # as if extracted from scratch
     old = cache_io.CacheReader(baseline.path).get(torch.arange(NUM_ITEMS + 1))
-    new = reader.get(torch.arange(NUM_ITEMS + 1))
+    new = cache_io.CacheReader(refreshed.path).get(torch.arange(NUM_ITEMS + 1))
     changed = (new.text.float() - old.text.float()).abs().amax(dim=(1, 2)) > 1e-2  # (N+1,)
-    assert changed.nonzero().flatten().tolist() == [4]  # only item i3 (row 4) has a new text
+    assert changed.nonzero().flatten().tolist() == [4]
     torch.testing.assert_close(new.image, old.image, atol=1e-3, rtol=1e-3)
 
     save_tiny_bert(model_dir, seed=1)  # other weights at the same path

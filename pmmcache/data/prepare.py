@@ -31,9 +31,10 @@ from pmmcache.data.images import ImageStore, open_image_store
 from pmmcache.data.readers import RawDataset
 from pmmcache.errors import ConfigError, DataError, PmmcacheError
 
-FORMAT_VERSION = 2  # 2: whole sequences by default (PrepareConfig.truncate)
+FORMAT_VERSION = 3  # 2: whole sequences by default (PrepareConfig.truncate); 3: image_sha256 per item
 MIN_SEQUENCE = 3  # leave-one-out needs one training item, a validation target and a test target
 PROBLEM_EXAMPLES = 20  # problems listed by name in reports; the rest are only counted
+MAX_UNKNOWN_FRACTION = 0.5  # more interactions than this naming unknown items: the input is misread
 
 ITEM_SCHEMA = pa.schema(
     [
@@ -45,6 +46,10 @@ ITEM_SCHEMA = pa.schema(
         ("image_key", pa.string()),
     ]
 )
+# Appended to ITEM_SCHEMA by PreparedDataset: sha256 (hex) of each item's encoded image bytes, null
+# without an image. Read once at preparation, so a replaced image changes the dataset's fingerprint.
+IMAGE_DIGEST = "image_sha256"
+ITEM_FINGERPRINT_BYTES = 16  # per-item fingerprint: the first bytes of sha256(text, image digest)
 USER_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("items", pa.list_(pa.int32()))])
 
 
@@ -82,7 +87,9 @@ class PreparedDataset:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.items = self.items.cast(ITEM_SCHEMA)
+        digests = (self.items.column(IMAGE_DIGEST) if IMAGE_DIGEST in self.items.column_names
+                   else pa.array(image_digests(self.items, self.image_stores), pa.string()))
+        self.items = self.items.select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA).append_column(IMAGE_DIGEST, digests)
         self.users = self.users.cast(USER_SCHEMA)
         if not self.fingerprint:
             self.fingerprint = content_fingerprint(self.items, self.users)
@@ -106,6 +113,17 @@ class PreparedDataset:
     def item_keys(self) -> list[str]:
         """Item keys in index order: `item_keys()[i - 1]` is the key of index i."""
         return self.items.column("key").to_pylist()
+
+    def item_fingerprints(self) -> np.ndarray:
+        """(N, ITEM_FINGERPRINT_BYTES) uint8, row i - 1 for index i: what the cached states of an item
+        depend on (its text and its image bytes), so a changed item is found by comparing these."""
+        texts = self.items.column("text").to_pylist()
+        digests = self.items.column(IMAGE_DIGEST).to_pylist()
+        out = np.zeros((len(texts), ITEM_FINGERPRINT_BYTES), np.uint8)
+        for row, (text, digest) in enumerate(zip(texts, digests)):
+            entry = json.dumps([text, digest], ensure_ascii=False).encode("utf-8")
+            out[row] = np.frombuffer(hashlib.sha256(entry).digest()[:ITEM_FINGERPRINT_BYTES], np.uint8)
+        return out
 
     def open_image_stores(self) -> list[ImageStore]:
         """The image stores, opened in this process, in `image_store` order."""
@@ -272,8 +290,24 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def image_digests(items: pa.Table, image_stores: list[dict[str, Any]]) -> list[str | None]:
+    """sha256 (hex) of each item's encoded image bytes, None where the item has no image or its store
+    none under the key (one read of every image)."""
+    stores = [open_image_store(spec) for spec in image_stores]
+    try:
+        digests: list[str | None] = []
+        for store, key in zip(items.column("image_store").to_pylist(), items.column("image_key").to_pylist()):
+            data = stores[store].get_bytes(key) if store is not None and store >= 0 and key is not None else None
+            digests.append(hashlib.sha256(data).hexdigest() if data is not None else None)
+        return digests
+    finally:
+        for store in stores:
+            store.close()
+
+
 def content_fingerprint(items: pa.Table, users: pa.Table) -> str:
-    """sha256 of the item table and the sequences (not of image bytes or store locations)."""
+    """sha256 of the item table (image digests included, so of the image bytes too; not of store
+    locations) and the sequences."""
     digest = hashlib.sha256(f"pmmcache-dataset-{FORMAT_VERSION}\n".encode())
     for table in (items, users):
         for name in table.column_names:
@@ -314,6 +348,58 @@ def _at(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 def _list_column(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
+
+
+def problem_lines(report: dict[str, Any]) -> list[str]:
+    """What preparation dropped, per source, as lines for the screen (the report has the details)."""
+    lines = []
+    for source, entry in report.get("sources", {}).items():
+        counts = entry.get("problems", {}).get("counts", {})
+        examples = entry.get("problems", {}).get("examples", [])
+        for kind, count in sorted(counts.items()):
+            example = next((e for e in examples if e["kind"] == kind), None)
+            where = f" (first: {Path(example['path']).name} line {example['line']}: {example['message']})" if example else ""
+            lines.append(f"{source}: {count} {kind.replace('_', ' ')} problem(s){where}")
+        raw, core = entry.get("raw", {}), entry.get("k_core", {})
+        dropped = raw.get("interactions", 0) - core.get("interactions", 0)
+        if dropped:
+            lines.append(f"{source}: {core['k']}-core filtering dropped {dropped} of {raw['interactions']} "
+                         f"interactions ({raw['users'] - core['users']} users, {raw['items'] - core['items']} items)")
+        if entry.get("users_too_short"):
+            lines.append(f"{source}: {entry['users_too_short']} user(s) with fewer than {MIN_SEQUENCE} items dropped")
+    return lines
+
+
+def _check_input(raw: RawDataset) -> None:
+    """DataError naming the file when a source has no items or interactions, or was most likely misread
+    (most interactions name items the items file lacks)."""
+    interactions_file = raw.files[0] if raw.files else raw.source
+    unknown = [p for p in raw.problems if p.kind == "unknown_item"]
+    total = len(raw.interactions) + len(unknown)
+    if not raw.items:
+        raise DataError(f"source {raw.source!r} has no items", raw.files[1] if len(raw.files) > 1 else interactions_file)
+    if total == 0:
+        raise DataError(f"source {raw.source!r} has no interactions (no user lists an item)", interactions_file)
+    if len(unknown) > MAX_UNKNOWN_FRACTION * total:
+        example = unknown[0].item or ""
+        if any("," in (p.item or "") for p in unknown[:100]):
+            cause = f"the sequence column looks comma-separated (e.g. {example!r}); separate a user's items with spaces"
+        else:
+            cause = (f"e.g. {example!r} is unknown; check that both files use the same item ids "
+                     f"(the items file has e.g. {next(iter(raw.items))!r})")
+        raise DataError(f"{len(unknown)} of {total} interactions name items that are not in the items file: {cause}",
+                        unknown[0].path, unknown[0].line)
+
+
+def _check_kept(raw: RawDataset, users: int, items: int, config: PrepareConfig) -> None:
+    """DataError naming the interactions file when filtering leaves no user or no item."""
+    if users and items:
+        return
+    raise DataError(
+        f"source {raw.source!r}: nothing is left after {config.min_core}-core filtering and dropping users with "
+        f"fewer than {MIN_SEQUENCE} items (read {len(raw.interactions)} interactions of {len(raw.items)} items); "
+        "lower the threshold data.min_core, e.g. `pmmcache prepare --min-core 2`, `--set data.min_core=2` for train",
+        raw.files[0] if raw.files else raw.source)
 
 
 def _problem_summary(problems: list) -> dict[str, Any]:
@@ -361,6 +447,7 @@ def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDat
     config = config or PrepareConfig()
     source = raw.source
     _check_source_name(source)
+    _check_input(raw)
     item_ids = list(raw.items)
     item_pos = {item: i for i, item in enumerate(item_ids)}
     user_pos: dict[str, int] = {}
@@ -394,6 +481,7 @@ def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDat
     offsets = np.r_[0, np.cumsum(ends - cut_starts)].astype(np.int64)
     kept_users = sorted_users[starts]
 
+    _check_kept(raw, len(kept_users), len(catalogue), config)
     has_store = raw.image_store is not None
     catalogue_ids = [item_ids[i] for i in catalogue]
     image_keys = [raw.image_keys.get(item) if has_store else None for item in catalogue_ids]

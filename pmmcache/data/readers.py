@@ -116,6 +116,8 @@ def read_pmmrec(directory: str | Path, name: str, images: str | Path | None = No
 
     if texts_path.is_file():
         items = _read_pmmrec_texts(texts_path)
+        if not items:
+            raise DataError("lists no items (expected `item \\t text` per line)", texts_path)
         files.append(str(texts_path.resolve()))
     elif store is not None:
         items = {key: None for key in sorted(store.keys())}

@@ -9,15 +9,18 @@ Names:
 - `a,b,...`: each name resolved on its own, then combined in memory into one index space.
 
 The prepared copy of a name lives in `cache_dir/<name>/dataset/`. It is rebuilt when missing,
-when the PrepareConfig differs, or when a raw file's size or mtime changed (for image folders:
-the folder's own mtime, which changes when files are added, removed or renamed).
+when the PrepareConfig differs, or when a raw file's size or mtime changed (for image folders: the
+name, size and mtime of every file in them, so an image overwritten in place counts too; the
+preparation then reads every image's bytes into the dataset fingerprint).
 Several processes may resolve at once: building and checking happen under an exclusive
-`fcntl.flock` on `cache_dir/<name>/.lock`, so one builds and the others then load its copy.
+`fcntl.flock` on `cache_dir/<name>/.lock`, so one builds and the others then load its copy (a
+waiting process prints who holds the lock; PMMCACHE_LOCK_TIMEOUT sets how long it waits).
 """
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import json
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ from pmmcache.data.readers import (
     recbole_example_dir,
 )
 from pmmcache.errors import DataError, PmmcacheError
+from pmmcache.locks import exclusive_lock, lock_timeout
 
 DEMO = "demo"
 ML_100K = "ml-100k"
@@ -85,13 +89,28 @@ def detect_layout(directory: Path, name: str) -> RawLayout:
     for interactions_name, items_name in _PARQUET_PAIRS:
         tables = (directory / interactions_name.format(name=name), directory / items_name.format(name=name))
         if tables[0].is_file() and tables[1].is_file():
-            return RawLayout("parquet", directory, name, tables, tables=tables)
+            stamped = tables + ((directory,) if _has_image_paths(tables[1]) else ())
+            return RawLayout("parquet", directory, name, stamped, tables=tables)
     raise PmmcacheError(
         f"no dataset {name!r} found in {directory}; looked for: "
         f"PMMRec {name}_users.tsv (+ {name}_items_texts.tsv and/or {name}_images/, {name}.lmdb, images/); "
         f"RecBole {name}.inter + {name}.item; "
         f"parquet {name}_interactions.parquet + {name}_items.parquet, or interactions.parquet + items.parquet"
     )
+
+
+def _has_image_paths(items_table: Path) -> bool:
+    """Whether a parquet items table names image files (a string image column): those files, under
+    the table's folder, then decide a rebuild too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(items_table)
+    except (OSError, pa.ArrowException):
+        return False  # the reader reports an unreadable table
+    return any(schema.field(n).type in (pa.string(), pa.large_string()) for n in schema.names
+               if n in ("image", "image_bytes", "image_path"))
 
 
 def demo_domains(data_dir: Path) -> list[dict[str, Any]]:
@@ -148,12 +167,27 @@ def _layouts(name: str, data_dir: Path, cache_dir: Path) -> tuple[list[RawLayout
     return [detect_layout(directory, name)], []
 
 
-def _stamp(path: Path) -> list[int] | None:
+def _stamp(path: Path) -> list[Any] | None:
+    """[size, mtime] of a file; of a folder, [file count, sha256 of every file's relative name, size
+    and mtime] (a folder's own mtime misses a file overwritten in place)."""
     try:
         stat = path.stat()
     except FileNotFoundError:
         return None
-    return [stat.st_size, stat.st_mtime_ns]
+    if not path.is_dir():
+        return [stat.st_size, stat.st_mtime_ns]
+    digest, count = hashlib.sha256(), 0
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            try:
+                entry = os.stat(os.path.join(root, name))
+            except FileNotFoundError:
+                continue
+            digest.update(f"{os.path.relpath(os.path.join(root, name), path)}\t{entry.st_size}\t"
+                          f"{entry.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            count += 1
+    return [count, digest.hexdigest()]
 
 
 def _raw_signature(layouts: list[RawLayout], extra: list[Path]) -> dict[str, Any]:
@@ -171,13 +205,9 @@ def _raw_signature(layouts: list[RawLayout], extra: list[Path]) -> dict[str, Any
 
 @contextmanager
 def _exclusive_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks until the process that builds is done
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Held while one process builds or checks a prepared copy; a waiting process says who builds."""
+    with exclusive_lock(path, f"the prepared dataset in {path.parent}", lock_timeout()):
+        yield
 
 
 def _load_if_fresh(directory: Path, signature: dict[str, Any], config: PrepareConfig) -> PreparedDataset | None:
