@@ -33,7 +33,7 @@ from pmmcache.items import ItemStore
 from pmmcache.locks import exclusive_lock
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_extract import record_written_rows  # noqa: E402
+from test_extract import record_written_rows, rewrite_line  # noqa: E402
 from tiny_models import save_tiny_bert  # noqa: E402
 
 NAME = "tiny"
@@ -75,10 +75,7 @@ def image_file(data_dir: Path, i: int) -> Path:
 
 
 def set_text(data_dir: Path, item: int, text: str) -> None:
-    path = data_dir / NAME / f"{NAME}_items_texts.tsv"
-    lines = path.read_text().splitlines()
-    lines[item] = f"i{item}\t{text}"
-    path.write_text("\n".join(lines) + "\n")
+    rewrite_line(data_dir / NAME / f"{NAME}_items_texts.tsv", item + 1, f"i{item}\t{text}")
 
 
 @pytest.fixture(scope="module")
