@@ -358,7 +358,9 @@ def problem_lines(report: dict[str, Any]) -> list[str]:
         examples = entry.get("problems", {}).get("examples", [])
         for kind, count in sorted(counts.items()):
             example = next((e for e in examples if e["kind"] == kind), None)
-            where = f" (first: {Path(example['path']).name} line {example['line']}: {example['message']})" if example else ""
+            where = ""
+            if example:
+                where = f" (first: {Path(example['path']).name} line {example['line']}: {example['message']})"
             lines.append(f"{source}: {count} {kind.replace('_', ' ')} problem(s){where}")
         raw, core = entry.get("raw", {}), entry.get("k_core", {})
         dropped = raw.get("interactions", 0) - core.get("interactions", 0)
@@ -377,7 +379,8 @@ def _check_input(raw: RawDataset) -> None:
     unknown = [p for p in raw.problems if p.kind == "unknown_item"]
     total = len(raw.interactions) + len(unknown)
     if not raw.items:
-        raise DataError(f"source {raw.source!r} has no items", raw.files[1] if len(raw.files) > 1 else interactions_file)
+        items_file = raw.files[1] if len(raw.files) > 1 else interactions_file
+        raise DataError(f"source {raw.source!r} has no items", items_file)
     if total == 0:
         raise DataError(f"source {raw.source!r} has no interactions (no user lists an item)", interactions_file)
     if len(unknown) > MAX_UNKNOWN_FRACTION * total:
