@@ -28,17 +28,23 @@ class CacheCheck:
     path: Path
     checked: int
     has_checksums: bool
+    complete: bool  # an incomplete cache (extraction interrupted) has pending rows by right
     pending: list[int] = field(default_factory=list)
     bad_checksum: list[int] = field(default_factory=list)
     non_finite: list[int] = field(default_factory=list)
 
     @property
+    def missing(self) -> list[int]:
+        """Rows a complete cache should have written but has not."""
+        return self.pending if self.complete else []
+
+    @property
     def ok(self) -> bool:
-        return not (self.pending or self.bad_checksum or self.non_finite)
+        return not (self.missing or self.bad_checksum or self.non_finite)
 
     @property
     def bad_rows(self) -> list[int]:
-        return sorted(set(self.pending) | set(self.bad_checksum) | set(self.non_finite))
+        return sorted(set(self.missing) | set(self.bad_checksum) | set(self.non_finite))
 
     def problems(self) -> list[str]:
         """One line per kind of problem, naming the first rows and their item keys."""
@@ -46,7 +52,7 @@ class CacheCheck:
         lines = []
         for rows, what in ((self.bad_checksum, "whose bytes do not match their checksum"),
                            (self.non_finite, "with NaN or infinite values"),
-                           (self.pending, "never written (not done)")):
+                           (self.missing, "never written (not done) in a cache marked complete")):
             if rows:
                 shown = ", ".join(f"{row} ({keys[row] or 'padding'})" for row in rows[:SHOWN])
                 more = f" and {len(rows) - SHOWN} more" if len(rows) > SHOWN else ""
@@ -60,7 +66,8 @@ def check_rows(path: Path, rows: np.ndarray | None = None, block_rows: int = 256
     maps = cache_io.open_maps(path)
     total = maps["done"].shape[0]
     rows = np.arange(total) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
-    check = CacheCheck(path=path, checked=len(rows), has_checksums="checksum" in maps)
+    check = CacheCheck(path=path, checked=len(rows), has_checksums="checksum" in maps,
+                       complete=bool(maps["complete"][0]))
     for start in range(0, len(rows), block_rows):
         block = rows[start:start + block_rows]
         done = maps["done"][block] == 1
@@ -131,8 +138,12 @@ def run(config: VerifyConfig) -> list[CacheCheck]:
         cache_io.read_manifest(path)  # a foreign or unreadable file fails here, naming itself
         check = check_rows(path)
         checks.append(check)
+        if not check.complete:
+            print(f"incomplete: {path} ({len(check.pending)} of {check.checked} rows not yet extracted; rerun "
+                  "`pmmcache extract` with the options that made it to finish)")
         if check.ok:
-            print(f"ok: {path} ({check.checked} rows{', checksums match' if check.has_checksums else ''})")
+            print(f"ok: {path} ({check.checked - len(check.pending)} rows"
+                  f"{', checksums match' if check.has_checksums else ''})")
         else:
             damaged.append(path)
             print(f"DAMAGED: {path}\n  " + "\n  ".join(check.problems()))
