@@ -108,7 +108,7 @@ def check_sample(path: Path) -> None:
         print(f"warning: {no_checksums_note(path)}", file=sys.stderr)
     if not check.ok:
         raise CacheCorruptError(
-            f"{path} is damaged (found checking {check.checked} sampled rows):\n  " + "\n  ".join(check.problems())
+            f"{path} is damaged (found by checking {check.checked} sampled rows):\n  " + "\n  ".join(check.problems())
             + f"\nRun `pmmcache verify-cache --reencode {path}` to find every damaged row and mark it for "
             "re-encoding, then rerun `pmmcache extract` with the options that made the cache")
 

@@ -29,6 +29,7 @@ from pmmcache import cache as cache_io
 from pmmcache.config import from_dict, load_file, to_dict
 from pmmcache.errors import ConfigError, PmmcacheError
 from pmmcache.files import write_json
+from pmmcache.integrity import check_sample
 from pmmcache.items import ItemStore
 
 CATALOGUE_DIR = "catalogue"
@@ -133,6 +134,7 @@ def _open_addition(run_dir: Path, entry: dict[str, Any], expected: dict[str, Any
     """The items of one registered addition, checked against the run's encoders."""
     path = Path(run_dir) / CATALOGUE_DIR / entry["cache"]
     reader = cache_io.CacheReader(path, expected=expected, storage="memmap", device=device)
+    check_sample(path)
     return ItemStore(reader, cache_io.read_keys(path)[1:])
 
 
