@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pmmcache import cache as cache_io
+from pmmcache import extract as extract_module
 from pmmcache import integrity
 from pmmcache import train
 from pmmcache.cli import main
@@ -303,6 +304,22 @@ def test_disk_full_while_allocating_says_how_much_and_where_and_resume_works(tmp
     rows = record_written_rows(monkeypatch)
     result = extract(extract_config(data_dir, cache_dir, bert_dir), show_progress=False)
     assert cache_io.is_complete(result.path) and sorted(rows) == list(range(4, ITEMS + 1))
+
+
+def test_disk_full_while_writing_the_report_says_so_and_the_rerun_completes(tmp_path, bert_dir, monkeypatch):
+    data_dir, cache_dir = tmp_path / "data", tmp_path / "cache"
+    make_data(data_dir)
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(extract_module, "write_json", full)
+    with pytest.raises(PmmcacheError, match=r"disk full while writing .*\.report\.json"):
+        extract(extract_config(data_dir, cache_dir, bert_dir), show_progress=False)
+    monkeypatch.undo()
+    rows = record_written_rows(monkeypatch)
+    result = extract(extract_config(data_dir, cache_dir, bert_dir), show_progress=False)
+    assert cache_io.is_complete(result.path) and rows == [] and result.path.with_suffix(".report.json").is_file()
 
 
 # ------------------------------------------------------------------------------- 4. wrong or empty input
