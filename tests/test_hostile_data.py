@@ -267,6 +267,10 @@ def test_an_old_cache_without_checksums_or_item_hashes_is_read_with_a_note(tmp_p
 # ------------------------------------------------------------------------------- 3. disk full
 
 
+def disk_full(*args) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def test_too_little_free_space_is_refused_before_anything_is_written(tmp_path, bert_dir, monkeypatch):
     data_dir, cache_dir = tmp_path / "data", tmp_path / "cache"
     make_data(data_dir)
@@ -294,10 +298,7 @@ def test_disk_full_while_allocating_says_how_much_and_where_and_resume_works(tmp
     with pytest.raises(KeyboardInterrupt):
         extract(extract_config(data_dir, cache_dir, bert_dir), show_progress=False)
 
-    def full(fd, offset, length):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(os, "posix_fallocate", disk_full)
     with pytest.raises(PmmcacheError, match=r"disk full while writing .*\.h5 .*needs [\d.]+ MB on .*rerun"):
         extract(extract_config(data_dir, cache_dir, bert_dir), show_progress=False)
     monkeypatch.undo()
@@ -310,10 +311,7 @@ def test_disk_full_while_writing_the_report_says_so_and_the_rerun_completes(tmp_
     data_dir, cache_dir = tmp_path / "data", tmp_path / "cache"
     make_data(data_dir)
 
-    def full(path, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(extract_module, "write_json", full)
+    monkeypatch.setattr(extract_module, "write_json", disk_full)
     with pytest.raises(PmmcacheError, match=r"disk full while writing .*\.report\.json"):
         extract(extract_config(data_dir, cache_dir, bert_dir), show_progress=False)
     monkeypatch.undo()
