@@ -7,16 +7,16 @@ under `accelerate launch` (DDP). In-batch negatives stay per process (each proce
 Run directory `runs/<run>/`:
     config.json          the resolved TrainConfig (and what the cache and encoders were)
     metrics.jsonl        one line per epoch: losses, valid metrics, seconds, items/s
-    checkpoints/epoch-N  accelerate state (model safetensors, optimizer, scheduler, RNG) + train state
-    best/                model parts of the best epoch (safetensors) + metrics.json
+    checkpoints/epoch-N  accelerate state (model safetensors, optimizer, scheduler, RNG) + train state,
+                         the last two epochs, sealed with checksums (see pmmcache/checkpoints.py)
+    best/                model parts of the best epoch (safetensors) + metrics.json, replaced crash-safely
     eval.json            final valid/test metrics of the best epoch
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,13 +30,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pmmcache import cache as cache_io
+from pmmcache import checkpoints as ckpt
 from pmmcache.batches import Prefetcher, prepare_batch, trim_padding
 from pmmcache.config import from_dict, to_dict, to_json
 from pmmcache.data.prepare import PrepareConfig
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, VisionEncoder
 from pmmcache.errors import ConfigError, PmmcacheError
-from pmmcache.files import write_json, write_text_atomic
+from pmmcache.files import replace_dir, settle_dir, settled_dir, write_json, write_text_atomic
 from pmmcache.evaluate import evaluate_splits, format_with_popularity, popularity_ranking
 from pmmcache.items import IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache
 from pmmcache.model import PMMRec, PMMRecConfig, build_pmmrec
@@ -370,10 +371,6 @@ class TrainState:
         """The progress saved in `checkpoint`; a checkpoint without it (made by pmmcache before it
         stopped pickling progress) is refused, since its pickle is not loaded."""
         path = checkpoint / cls.FILE
-        pickles = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*"))
-        if pickles:  # accelerate would unpickle these in full: refuse rather than run what they hold
-            raise PmmcacheError(f"{checkpoint} holds {', '.join(pickles)}, a pickle that pmmcache does not load (it "
-                                "writes none); start a new run (another --run-name) instead of resuming this one")
         if not path.is_file():
             raise PmmcacheError(f"{path}: missing; this checkpoint keeps its progress in a pickle, which pmmcache "
                                 "does not load. Start a new run (another --run-name) instead of resuming it")
@@ -421,8 +418,9 @@ class Setup:
 def resolve_init_dir(init: str, runs_dir: Path) -> Path:
     """A run name, a run directory or a parts directory -> the directory holding the model parts."""
     for candidate in (Path(init), Path(runs_dir) / init):
-        if (candidate / "best" / "config.json").is_file():
-            return candidate / "best"
+        best = settled_dir(candidate / "best")
+        if best is not None and (best / "config.json").is_file():
+            return best
         if (candidate / "config.json").is_file() and (candidate / "item_tower.safetensors").is_file():
             return candidate
     raise PmmcacheError(f"--init {init}: no trained model found (looked for {init}/best/ and {runs_dir}/{init}/best/)")
@@ -491,7 +489,7 @@ def trained_setup(run_dir: Path, device: torch.device, **changes: Any) -> Setup:
     """
     from pmmcache.config import load_file
 
-    if not (Path(run_dir) / "best" / "config.json").is_file():
+    if not (best_dir(run_dir) / "config.json").is_file():
         raise PmmcacheError(f"{run_dir} has no trained model (best/); train it first with `pmmcache train`")
     data = load_file(Path(run_dir) / "config.json")
     data.update({"init": str(run_dir), "transfer": "full", "resume": False, **changes})
@@ -582,9 +580,9 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     # checkpoints are full pickle loads, so a planted file in a run directory would run code on resume.
     state = TrainState()
     if config.resume:
-        latest = _latest_checkpoint(checkpoints)
-        if latest is not None:
-            state = TrainState.read(latest)
+        start = resume_point(checkpoints, warn=accelerator.is_main_process)
+        if start is not None:
+            latest, state = start
             accelerator.load_state(str(latest))
             if accelerator.is_main_process and show_progress:
                 print(f"resumed from {latest} (epoch {state.epoch} done)")
@@ -629,7 +627,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
                 raise PmmcacheError(
                     f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1} "
                     f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopped. "
-                    f"The last good checkpoint is {_latest_checkpoint(checkpoints) or 'none (no epoch finished)'}; "
+                    f"The last good checkpoint is {ckpt.latest_checkpoint(checkpoints) or 'none (no epoch finished)'}; "
                     "try a lower --lr, --grad-clip 1.0, or bf16 instead of fp16")
             accelerator.backward(loss)
             if config.grad_clip > 0:
@@ -673,7 +671,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
 
     # Final numbers come from the best epoch's weights, on valid and test.
     accelerator.wait_for_everyone()
-    unwrapped.load_parts(run_dir / "best", parts=tuple(p for p in ("item_tower", "user_encoder")))
+    unwrapped.load_parts(best_dir(run_dir), parts=("item_tower", "user_encoder"))
     final = evaluate_splits(unwrapped, store, dataset, ("valid", "test"), config.ks, config.max_len,
                             config.mask_history, accelerator)
     popular = popularity_ranking(dataset, ("valid", "test"), config.ks, config.max_len, config.mask_history)
@@ -702,6 +700,7 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
             raise PmmcacheError(f"--resume: no run at {run_dir} (no config.json)")
         # Through from_dict: settings added to TrainConfig after the run was made count as their defaults.
         saved = to_dict(from_dict(TrainConfig, json.loads(config_path.read_text()), where=str(config_path)))
+        settle_dir(run_dir / "best")  # finish a replacement of best/ that a crash interrupted
         current = to_dict(config)
         changed = sorted(k for k in saved.keys() | current.keys()
                          if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
@@ -717,9 +716,37 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
                             "or choose another --run-name")
 
 
-def _latest_checkpoint(checkpoints: Path) -> Path | None:
-    done = sorted(p for p in checkpoints.glob("epoch-*") if (p / "COMPLETE").is_file())
-    return done[-1] if done else None
+def resume_point(checkpoints: Path, warn: bool = True) -> tuple[Path, "TrainState"] | None:
+    """The newest intact checkpoint and its progress; None when no epoch finished. A newer one that is
+    damaged is passed over with a warning naming what is wrong (`warn`: this process prints it); when
+    every complete checkpoint is damaged, the error lists them all."""
+    damaged: list[tuple[Path, str]] = []
+    for candidate in reversed(ckpt.complete_checkpoints(checkpoints)):
+        trouble = ckpt.problem(candidate)
+        if trouble is None:
+            try:
+                state = TrainState.read(candidate)
+            except PmmcacheError as err:
+                trouble = str(err)
+        if trouble is None:
+            for path, why in damaged if warn else ():
+                print(f"warning: not resuming from {path}: {why}; resuming from {candidate} instead",
+                      file=sys.stderr)
+            return candidate, state
+        damaged.append((candidate, trouble))
+    if damaged:
+        raise PmmcacheError(f"--resume: no usable checkpoint in {checkpoints}: "
+                            + "; ".join(f"{path.name}: {why}" for path, why in damaged)
+                            + ". Start a new run (another --run-name) instead of resuming this one")
+    return None
+
+
+def best_dir(run_dir: Path) -> Path:
+    """The run's best/ model parts, also after a crash while they were being replaced."""
+    found = settled_dir(Path(run_dir) / "best")
+    if found is None:
+        raise PmmcacheError(f"{run_dir} has no trained model (best/); train it first with `pmmcache train`")
+    return found
 
 
 def _read_history(run_dir: Path, epochs_done: int) -> list[dict[str, Any]]:
@@ -732,26 +759,24 @@ def _read_history(run_dir: Path, epochs_done: int) -> list[dict[str, Any]]:
 
 def _save_epoch(accelerator: Accelerator, model: PMMRec, run_dir: Path, state: TrainState, improved: bool,
                 record: dict[str, Any], history: list[dict[str, Any]]) -> None:
-    """Checkpoint the epoch (state for --resume; parts for best/), then drop older checkpoints."""
+    """Checkpoint the epoch (state for --resume; parts for best/), then drop all but the last two."""
     checkpoints = run_dir / "checkpoints"
     epoch = state.epoch
-    target = checkpoints / f"epoch-{epoch:04d}"
+    target = ckpt.checkpoint_dir(checkpoints, epoch)
+    if accelerator.is_main_process:
+        ckpt.remove(target)  # a damaged one resume passed over: never mix its files with the new ones
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(target), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process's RNG state is written before the checksums
     if accelerator.is_main_process:
         state.write(target)
         if improved:
-            tmp_best = run_dir / "best.tmp"
-            shutil.rmtree(tmp_best, ignore_errors=True)
-            model.save_parts(tmp_best)
-            write_json(tmp_best / "metrics.json", record)
-            shutil.rmtree(run_dir / "best", ignore_errors=True)
-            os.replace(tmp_best, run_dir / "best")
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
-        tmp = run_dir / "metrics.jsonl.tmp"
-        tmp.write_text(lines)
-        os.replace(tmp, run_dir / "metrics.jsonl")
-        (target / "COMPLETE").write_text(str(epoch))  # written last: a checkpoint without it is ignored
-        for old in checkpoints.glob("epoch-*"):
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+            def fill(directory: Path) -> None:
+                model.save_parts(directory)
+                write_json(directory / "metrics.json", record)
+
+            replace_dir(run_dir / "best", fill)
+        write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
+        ckpt.seal(target, epoch)  # written last: a checkpoint without it is ignored
+        ckpt.prune(checkpoints)
     accelerator.wait_for_everyone()

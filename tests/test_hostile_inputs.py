@@ -1,0 +1,159 @@
+"""Hostile run directories, settings and inputs of stage 2 and the CLI: each is a clear error (or a
+clean fallback), never a traceback, never a restart from scratch, and nothing is ever unpickled.
+
+1. damaged checkpoints and an interrupted replacement of best/
+2. a NaN loss: damaged cached states versus a diverging optimisation
+3. errors that used to be tracebacks (a DataLoader worker's, damaged model files, bad devices, ...)
+4. smaller ones: extract --set, a misspelt demo domain, source names, huge images
+5. a malicious pickle in every file of a finished run and of a cache
+
+Runs train on the tiny cache of test_train.py (a 2-block BERT, the tiny ViT, d = 32, 2 steps per epoch).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+from click.testing import CliRunner
+
+from pmmcache import files, train
+from pmmcache.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import NAME, build_toy, learned, train_cli_args, train_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return build_toy(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture(scope="module")
+def finished(toy, tmp_path_factory) -> train.TrainResult:
+    """A finished 3-epoch pre-training run (the reference an uninterrupted run gives)."""
+    return train.run(train_config(toy, tmp_path_factory.mktemp("runs"), "finished"), show_progress=False)
+
+
+def copy_run(result: train.TrainResult, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(result.run_dir, tmp_path / "copy"))
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clean_error(result, *named: str) -> str:
+    """Exit status 2, a last line `error: ...` naming `named`, no traceback; returns that line."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()  # progress bars may come first
+    line = next((line for line in lines if line.startswith("error: ")), None)
+    assert line is not None and line == lines[-1], result.stderr
+    for text in named:
+        assert text in line, (text, line)
+    return line
+
+
+def checkpoint(run_dir: Path, epoch: int) -> Path:
+    return run_dir / "checkpoints" / f"epoch-{epoch:04d}"
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# ------------------------------------------------------------------------------- 1. checkpoints and best/
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda c: truncate(c / "model.safetensors"), "model.safetensors is not the file that was saved (its checksum differs)"),
+    (lambda c: (c / "optimizer.bin").write_bytes(b"\0" * 64), "optimizer.bin is not the file that was saved (its checksum differs)"),
+    (lambda c: (c / "scheduler.bin").unlink(), "scheduler.bin is missing"),
+    (lambda c: (c / "COMPLETE").write_bytes(b"\xff\xfe{"), "its COMPLETE record is unreadable"),
+])
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_last_is_damaged(damage, reason, toy, finished,
+                                                                              tmp_path, capsys):
+    runs = tmp_path / "runs"
+    run_dir = train.run(train_config(toy, runs, "r", epochs=2), show_progress=False).run_dir
+    damage(checkpoint(run_dir, 2))
+    resumed = train.run(train_config(toy, runs, "r", epochs=3, resume=True), show_progress=False)
+    err = capsys.readouterr().err
+    assert f"warning: not resuming from {checkpoint(run_dir, 2)}: {reason}" in err
+    assert f"resuming from {checkpoint(run_dir, 1)} instead" in err
+    # Epoch 2 is trained again from epoch 1's state: the run equals the uninterrupted one.
+    assert [learned(r) for r in resumed.history] == [learned(r) for r in finished.history]
+    assert resumed.metrics["test"] == pytest.approx(finished.metrics["test"], abs=1e-6)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0002", "epoch-0003"]
+    assert train.resume_point(run_dir / "checkpoints")[0] == checkpoint(run_dir, 3)  # the redone epoch 2 is intact
+
+
+def test_an_older_checkpoint_without_checksums_is_checked_by_loading_it(toy, finished, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    run_dir = train.run(train_config(toy, runs, "old", epochs=2), show_progress=False).run_dir
+    for epoch in (1, 2):  # as pmmcache sealed them before checksums: COMPLETE holds the epoch
+        (checkpoint(run_dir, epoch) / "COMPLETE").write_text(str(epoch))
+    (checkpoint(run_dir, 2) / "optimizer.bin").write_bytes(b"not a torch file")
+    resumed = train.run(train_config(toy, runs, "old", epochs=3, resume=True), show_progress=False)
+    assert f"not resuming from {checkpoint(run_dir, 2)}: optimizer.bin is unreadable" in capsys.readouterr().err
+    assert [learned(r) for r in resumed.history] == [learned(r) for r in finished.history]
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_error_naming_each(toy, tmp_path):
+    runs = tmp_path / "runs"
+    run_dir = train.run(train_config(toy, runs, "dead", epochs=2), show_progress=False).run_dir
+    truncate(checkpoint(run_dir, 2) / "model.safetensors")
+    (checkpoint(run_dir, 1) / "scheduler.bin").unlink()
+    result = cli(*train_cli_args(toy, runs, "dead", epochs=3), "--resume")
+    assert_clean_error(result, f"--resume: no usable checkpoint in {run_dir / 'checkpoints'}",
+                       "epoch-0002: model.safetensors is not the file that was saved",
+                       "epoch-0001: scheduler.bin is missing", "another --run-name")
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_replace_dir_leaves_one_whole_copy_wherever_it_is_interrupted(tmp_path, monkeypatch):
+    dest = tmp_path / "best"
+    files.replace_dir(dest, lambda d: (d / "v").write_text("1"))
+    rename = os.replace
+
+    def crash_on_second_rename(src, dst):
+        if Path(src).name == "best.tmp":  # after best -> best.old: the worst moment
+            raise OSError("simulated crash")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_second_rename)
+    with pytest.raises(OSError, match="simulated crash"):
+        files.replace_dir(dest, lambda d: (d / "v").write_text("2"))
+    monkeypatch.undo()
+    assert not dest.exists() and (files.settled_dir(dest) / "v").read_text() == "2"  # the complete new copy
+    files.settle_dir(dest)
+    assert (dest / "v").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["best"]
+
+    def disk_full(directory: Path) -> None:
+        (directory / "v").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        files.replace_dir(dest, disk_full)
+    assert files.settled_dir(dest) == dest and (dest / "v").read_text() == "2"  # the old copy stays
+
+
+def test_a_crash_while_best_was_replaced_leaves_a_model_eval_recommend_and_resume_read(toy, tmp_path):
+    runs = tmp_path / "runs"
+    run_dir = train.run(train_config(toy, runs, "crashed", epochs=2), show_progress=False).run_dir
+    # The state a crash between the two renames leaves: best/ moved aside, the new copy not yet in place.
+    os.replace(run_dir / "best", run_dir / "best.old")
+    shutil.copytree(run_dir / "best.old", run_dir / "best.tmp")
+    result = cli("eval", "--run", run_dir)
+    assert result.exit_code == 0, result.output
+    result = cli("recommend", "--run", run_dir, "--history", f"{NAME}/i1 {NAME}/i2", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["items"]) == 10
+    train.run(train_config(toy, runs, "crashed", epochs=3, resume=True), show_progress=False)
+    assert (run_dir / "best" / "config.json").is_file()
+    assert not (run_dir / "best.old").exists() and not (run_dir / "best.tmp").exists()
