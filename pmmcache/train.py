@@ -39,7 +39,7 @@ from pmmcache.encoders import TextEncoder, VisionEncoder
 from pmmcache.errors import ConfigError, PmmcacheError
 from pmmcache.files import replace_dir, settle_dir, settled_dir, write_json, write_text_atomic
 from pmmcache.evaluate import evaluate_splits, format_with_popularity, popularity_ranking
-from pmmcache.items import IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache
+from pmmcache.items import IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache, nonfinite_items
 from pmmcache.model import PMMRec, PMMRecConfig, build_pmmrec
 from pmmcache.model.pmmrec import read_parts_config
 from pmmcache.runtime import use_cpu
@@ -285,6 +285,32 @@ class TrainingStep(nn.Module):
                 losses["rcl"] = rcl_loss(masked_mean_pool(user_states, keep), masked_mean_pool(corrupted_states, keep),
                                          o.temperature, o.rcl_normalize)
         return losses
+
+
+def nonfinite_loss_cause(batch: Any, store: ItemStore | IdItems, keys: list[str], cache_path: Path | None) -> str:
+    """Why a step's loss was not finite, for the error: the batch's items whose cached states are
+    not finite (the cache is damaged: re-extract them), or, when every state is finite, the
+    optimisation (learning rate, precision), naming the batch's items either way."""
+    items = batch.items.tolist() if batch.items is not None else []
+    items = [i for i in items if i > 0]  # 0 is padding
+
+    def named(indices: list[int]) -> str:
+        shown = ", ".join(keys[i - 1] for i in indices[:8])
+        return shown + (f" and {len(indices) - 8} more" if len(indices) > 8 else "")
+
+    if isinstance(store, ItemStore) and batch.items is not None:
+        bad = nonfinite_items(batch.states).cpu()
+        broken = [int(i) for i in batch.items[bad].tolist() if i > 0]
+        if broken:
+            return (f"The cache {cache_path} holds non-finite values for {len(broken)} of the batch's "
+                    f"{len(items)} items: {named(broken)}. No learning rate helps: re-extract those items "
+                    "(`pmmcache verify-cache` lists every damaged item; `pmmcache extract --force` rebuilds the "
+                    "cache)")
+        source = "their cached states are finite"
+    else:
+        source = "an ID-based model reads no cache"
+    return (f"The batch's {len(items)} items ({named(items)}): {source}, so the optimisation diverged; "
+            "try a lower --lr, --grad-clip 1.0, or bf16 instead of fp16")
 
 
 def optimizer_groups(model: PMMRec, config: TrainConfig) -> list[dict[str, Any]]:
@@ -627,8 +653,8 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
                 raise PmmcacheError(
                     f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1} "
                     f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopped. "
-                    f"The last good checkpoint is {ckpt.latest_checkpoint(checkpoints) or 'none (no epoch finished)'}; "
-                    "try a lower --lr, --grad-clip 1.0, or bf16 instead of fp16")
+                    f"The last good checkpoint is {ckpt.latest_checkpoint(checkpoints) or 'none (no epoch finished)'}. "
+                    + nonfinite_loss_cause(batch, store, dataset.item_keys(), s.cache_path))
             accelerator.backward(loss)
             if config.grad_clip > 0:
                 accelerator.clip_grad_norm_(step_module.parameters(), config.grad_clip)

@@ -19,11 +19,14 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from pmmcache import cache as cache_io
 from pmmcache import files, train
 from pmmcache.cli import main
+from pmmcache.errors import PmmcacheError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import NAME, build_toy, learned, train_cli_args, train_config  # noqa: E402
@@ -157,3 +160,37 @@ def test_a_crash_while_best_was_replaced_leaves_a_model_eval_recommend_and_resum
     train.run(train_config(toy, runs, "crashed", epochs=3, resume=True), show_progress=False)
     assert (run_dir / "best" / "config.json").is_file()
     assert not (run_dir / "best.old").exists() and not (run_dir / "best.tmp").exists()
+
+
+# ------------------------------------------------------------------------------- 2. NaN losses
+
+
+def test_a_nan_loss_from_non_finite_cached_states_names_the_items_and_says_to_re_extract(toy, tmp_path):
+    cache_dir = Path(shutil.copytree(toy.cache_dir, tmp_path / "cache"))
+    (path,) = (cache_dir / NAME).glob("*.h5")
+    keys = cache_io.read_keys(path)
+    damaged = [f"{NAME}/i{i}" for i in range(0, 39, 3)]
+    writer = cache_io.CacheWriter(path)
+    writer.maps["image/states"][[keys.index(k) for k in damaged]] = np.nan  # e.g. an fp16 overflow
+    writer.close()
+    config = train_config(toy, tmp_path / "runs", "nan", cache_dir=str(cache_dir))
+    with pytest.raises(PmmcacheError) as err:
+        train.run(config, show_progress=False)
+    message = str(err.value)
+    assert "loss became nan at epoch 1, step 1" in message
+    assert f"The cache {path} holds non-finite values for " in message
+    assert "re-extract those items" in message and "pmmcache verify-cache" in message
+    assert "lower --lr" not in message
+    named = message.split("items: ", 1)[1].split(". No learning rate", 1)[0].split(", ")
+    assert named and set(named) <= set(damaged), named
+
+
+def test_a_nan_loss_with_finite_states_keeps_the_learning_rate_advice_and_names_the_batch(toy, tmp_path,
+                                                                                         monkeypatch):
+    original_dap = train.dap_loss
+    monkeypatch.setattr(train, "dap_loss", lambda *a, **k: original_dap(*a, **k) * float("nan"))
+    with pytest.raises(PmmcacheError) as err:
+        train.run(train_config(toy, tmp_path / "runs", "diverged"), show_progress=False)
+    message = str(err.value)
+    assert "their cached states are finite, so the optimisation diverged; try a lower --lr" in message
+    assert f"items ({NAME}/i" in message and "re-extract" not in message
