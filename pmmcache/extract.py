@@ -30,7 +30,7 @@ from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, Visio
 from pmmcache.encoders.hub import packaged_text_model_path
 from pmmcache.errors import CacheMismatchError, ConfigError, PmmcacheError
 from pmmcache.files import write_json
-from pmmcache.runtime import use_cpu
+from pmmcache.runtime import check_device, use_cpu
 
 Modality = Literal["text", "image"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,6 +66,7 @@ class ExtractConfig:
             raise ConfigError(f"modalities must be a non-empty subset of text,image; got {','.join(self.modalities)}")
         if self.top_blocks < 0 or self.batch_size < 1 or self.max_text_length < 2:
             raise ConfigError("top_blocks must be >= 0, batch_size >= 1, max_text_length >= 2")
+        check_device(self.device)
 
 
 # Encoders a dataset uses when none is given. The demo must run on a fresh machine with no download:
@@ -184,7 +185,15 @@ class ItemRows(Dataset):
         except Exception:  # PIL raises many types for corrupt data; all mean "unreadable"
             return None, cache_io.FLAG_IMAGE_UNREADABLE
 
-    def __getitem__(self, i: int) -> ItemBatch:
+    def __getitem__(self, i: int) -> ItemBatch | PmmcacheError:
+        """The batch, or the user-facing error that loading it raised: returned rather than raised, since
+        DataLoader re-raises a worker's error with the worker's traceback pasted into its message."""
+        try:
+            return self._load(i)
+        except PmmcacheError as err:
+            return err
+
+    def _load(self, i: int) -> ItemBatch:
         rows = self.batches[i]
         flags = np.zeros(len(rows), dtype=np.uint8)
         batch = ItemBatch(rows=rows, flags=flags)
@@ -293,6 +302,8 @@ def extract_dataset(dataset: Any, config: ExtractConfig, path: Path | None = Non
     try:
         with torch.no_grad():
             for batch in loader:
+                if isinstance(batch, PmmcacheError):  # raised while loading the batch, in a worker or here
+                    raise batch
                 writer.write(batch.rows, _encode(batch, text, vision, device, config.cache_dtype))
                 done += len(batch.rows)
                 progress.update(len(batch.rows) * state.num_processes)

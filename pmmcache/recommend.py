@@ -30,6 +30,7 @@ from pmmcache.config import from_dict, load_file, to_dict
 from pmmcache.errors import ConfigError, PmmcacheError
 from pmmcache.files import write_json
 from pmmcache.items import ItemStore
+from pmmcache.runtime import check_device
 
 CATALOGUE_DIR = "catalogue"
 REGISTRY = "catalogue.json"
@@ -67,6 +68,9 @@ class AddItemsConfig:
     batch_size: int = 64
     num_workers: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -365,16 +369,21 @@ def export_items(config: ExportConfig) -> Path:
             "trained_items": catalogue.trained, "added_items": len(catalogue.keys) - catalogue.trained,
             "score": "dot product of a user vector and these vectors"}
     output = Path(config.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}{output.suffix}")
-    if output.suffix == ".npz":
-        np.savez(tmp, keys=np.array(catalogue.keys), vectors=vectors, metadata=np.array(json.dumps(meta)))
-    else:
-        import pyarrow.parquet as pq
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.suffix == ".npz":
+            np.savez(tmp, keys=np.array(catalogue.keys), vectors=vectors, metadata=np.array(json.dumps(meta)))
+        else:
+            import pyarrow.parquet as pq
 
-        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
-        table = pa.table({"key": pa.array(catalogue.keys, pa.string()), "vector": column})
-        table = table.replace_schema_metadata({"pmmcache": json.dumps(meta, sort_keys=True)})
-        pq.write_table(table, tmp)
-    os.replace(tmp, output)
+            column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
+            table = pa.table({"key": pa.array(catalogue.keys, pa.string()), "vector": column})
+            table = table.replace_schema_metadata({"pmmcache": json.dumps(meta, sort_keys=True)})
+            pq.write_table(table, tmp)
+        os.replace(tmp, output)
+    except OSError as err:  # pyarrow's write errors are OSErrors too
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise PmmcacheError(f"--output {output}: cannot write it ({err.strerror or err})") from err
     return output

@@ -36,7 +36,7 @@ from pmmcache.config import from_dict, to_dict, to_json
 from pmmcache.data.prepare import PrepareConfig
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, VisionEncoder
-from pmmcache.errors import ConfigError, PmmcacheError
+from pmmcache.errors import ConfigError, DataError, PmmcacheError
 from pmmcache.files import replace_dir, settle_dir, settled_dir, write_json, write_text_atomic
 from pmmcache.evaluate import evaluate_splits, format_with_popularity, popularity_ranking
 from pmmcache.items import IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache, nonfinite_items
@@ -109,10 +109,18 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         for name, value in ABLATIONS[self.ablation].items():
             object.__setattr__(self, name, value)
-        if self.dap_temperature is not None and self.dap_temperature <= 0:
-            raise ConfigError(f"objectives.dap_temperature = {self.dap_temperature}; must be positive (or unset)")
-        if self.temperature <= 0:
-            raise ConfigError(f"objectives.temperature = {self.temperature}; must be positive")
+        # `not x > 0` also refuses NaN, which would otherwise reach the loss and read as a divergence.
+        if self.dap_temperature is not None and not 0 < self.dap_temperature < math.inf:
+            raise ConfigError(f"objectives.dap_temperature = {self.dap_temperature}; must be a positive number "
+                              "(or unset)")
+        if not 0 < self.temperature < math.inf:
+            raise ConfigError(f"objectives.temperature = {self.temperature}; must be a positive number")
+        for name in ("dap", "nicl", "nid", "rcl"):  # a NaN or negative weight would silently switch a term off
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"objectives.{name} = {getattr(self, name)}; a weight must be >= 0 (0 = off)")
+        for name in ("shuffle_fraction", "replace_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"objectives.{name} = {getattr(self, name)}; must be in [0, 1]")
         if self.uniform_negatives < 1:
             raise ConfigError(f"objectives.uniform_negatives = {self.uniform_negatives}; must be >= 1")
 
@@ -517,9 +525,10 @@ def trained_setup(run_dir: Path, device: torch.device, **changes: Any) -> Setup:
 
     if not (best_dir(run_dir) / "config.json").is_file():
         raise PmmcacheError(f"{run_dir} has no trained model (best/); train it first with `pmmcache train`")
-    data = load_file(Path(run_dir) / "config.json")
+    path = Path(run_dir) / "config.json"
+    data = load_file(path)
     data.update({"init": str(run_dir), "transfer": "full", "resume": False, **changes})
-    return setup(from_dict(TrainConfig, data), device)
+    return setup(from_dict(TrainConfig, data, where=str(path)), device)
 
 
 def setup(config: TrainConfig, device: torch.device) -> Setup:
@@ -720,12 +729,14 @@ RESUMABLE_CHANGES = ("epochs", "patience", "resume", "prefetch")
 
 
 def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
+    from pmmcache.config import load_file
+
     config_path = run_dir / "config.json"
     if config.resume:
         if not config_path.is_file():
             raise PmmcacheError(f"--resume: no run at {run_dir} (no config.json)")
         # Through from_dict: settings added to TrainConfig after the run was made count as their defaults.
-        saved = to_dict(from_dict(TrainConfig, json.loads(config_path.read_text()), where=str(config_path)))
+        saved = to_dict(from_dict(TrainConfig, load_file(config_path), where=str(config_path)))
         settle_dir(run_dir / "best")  # finish a replacement of best/ that a crash interrupted
         current = to_dict(config)
         changed = sorted(k for k in saved.keys() | current.keys()
@@ -779,7 +790,16 @@ def _read_history(run_dir: Path, epochs_done: int) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, number = [], None
+    try:
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                records.append(json.loads(line))
+                if not isinstance(records[-1].get("epoch"), int):
+                    raise ValueError("no epoch number")
+    except (UnicodeDecodeError, ValueError, AttributeError) as err:
+        raise DataError(f"not the epoch records pmmcache writes ({err}); move the file aside to resume without "
+                        "the earlier epochs' records", path, number) from err
     return [r for r in records if r["epoch"] <= epochs_done]
 
 

@@ -25,11 +25,13 @@ from click.testing import CliRunner
 
 from pmmcache import cache as cache_io
 from pmmcache import files, train
-from pmmcache.cli import main
-from pmmcache.errors import PmmcacheError
+from pmmcache.cli import main, set_dotted
+from pmmcache.config import from_dict
+from pmmcache.errors import ConfigError, PmmcacheError
+from pmmcache.train import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import NAME, build_toy, learned, train_cli_args, train_config  # noqa: E402
+from test_train import NAME, build_toy, learned, train_cli_args, train_config, train_settings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +196,119 @@ def test_a_nan_loss_with_finite_states_keeps_the_learning_rate_advice_and_names_
     message = str(err.value)
     assert "their cached states are finite, so the optimisation diverged; try a lower --lr" in message
     assert f"items ({NAME}/i" in message and "re-extract" not in message
+
+
+# ------------------------------------------------------------------------------- 3. tracebacks turned into messages
+
+
+def test_an_error_in_a_dataloader_worker_is_one_message_without_the_workers_traceback(toy, tmp_path):
+    import pickle
+
+    import lmdb
+
+    root = tmp_path / "data" / "lm"
+    root.mkdir(parents=True)
+    for suffix in ("users.tsv", "items_texts.tsv"):
+        shutil.copy(toy.data_dir / NAME / f"{NAME}_{suffix}", root / f"lm_{suffix}")
+    env = lmdb.open(str(root / "lm.lmdb"), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i in range(39):
+            value = (toy.data_dir / NAME / f"{NAME}_images" / f"i{i}.png").read_bytes()
+            txn.put(f"i{i}".encode(), pickle.dumps({"image": value}) if i == 30 else value)  # read in a worker
+    env.close()
+    result = cli("extract", "--dataset", "lm", "--data-dir", tmp_path / "data", "--cache-dir", tmp_path / "cache",
+                 "--text-encoder", toy.bert_dir, "--vision-encoder", "pmmcache-tiny-vit", "--vision-weights", "random",
+                 "-k", "1", "--image-size", "64", "--max-text-length", "16", "--batch-size", "8",
+                 "--num-workers", "2", "--device", "cpu")
+    err = assert_clean_error(result, str(root / "lm.lmdb"), "the value for 'i30' is a Python pickle")
+    assert "DataLoader worker" not in result.stderr
+
+
+@pytest.mark.parametrize("part", ["item_tower", "user_encoder"])
+def test_a_damaged_best_safetensors_file_is_named(part, finished, tmp_path):
+    run_dir = copy_run(finished, tmp_path)
+    truncate(run_dir / "best" / f"{part}.safetensors")
+    path = run_dir / "best" / f"{part}.safetensors"
+    assert_clean_error(cli("eval", "--run", run_dir), f"{path}: not a readable safetensors file")
+    assert_clean_error(cli("recommend", "--run", run_dir, "--history", f"{NAME}/i1"), str(path))
+    assert_clean_error(cli("export-items", "--run", run_dir, "--output", tmp_path / "items.npz"), str(path))
+
+
+@pytest.mark.parametrize("text, says", [
+    ("{not json", "not readable as JSON"),
+    ("[1, 2]", "kind None"),
+    ('{"kind": "pmmcache.pmmrec.parts", "config": 3}', "'config' is not a table"),
+    ('{"kind": "pmmcache.pmmrec.parts", "config": {"item_tower": 3}}', "item_tower: expected a table"),
+])
+def test_a_damaged_best_config_json_is_named(text, says, finished, tmp_path):
+    run_dir = copy_run(finished, tmp_path)
+    (run_dir / "best" / "config.json").write_text(text)
+    assert_clean_error(cli("eval", "--run", run_dir), str(run_dir / "best" / "config.json"), says)
+    assert_clean_error(cli("recommend", "--run", run_dir, "--history", f"{NAME}/i1"), "best/config.json")
+
+
+@pytest.mark.parametrize("text", ["{not json", "\xff", "[]", '{"epochs": "many"}'])
+def test_a_damaged_run_config_json_is_named_by_eval_recommend_and_resume(text, toy, tmp_path):
+    runs = tmp_path / "runs"
+    run_dir = train.run(train_config(toy, runs, "conf", epochs=1), show_progress=False).run_dir
+    (run_dir / "config.json").write_text(text)
+    named = str(run_dir / "config.json")
+    assert_clean_error(cli("eval", "--run", run_dir), named)
+    assert_clean_error(cli("recommend", "--run", run_dir, "--history", f"{NAME}/i1"), named)
+    assert_clean_error(cli(*train_cli_args(toy, runs, "conf", epochs=2), "--resume"), named)
+
+
+def test_a_damaged_metrics_jsonl_is_named_on_resume(toy, tmp_path):
+    runs = tmp_path / "runs"
+    run_dir = train.run(train_config(toy, runs, "log", epochs=1), show_progress=False).run_dir
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo')
+    assert_clean_error(cli(*train_cli_args(toy, runs, "log", epochs=2), "--resume"),
+                       f"{run_dir / 'metrics.jsonl'}, line 2: not the epoch records pmmcache writes")
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:x"])
+def test_an_unknown_device_is_a_config_error(device, toy, finished, tmp_path):
+    result = cli("extract", "--dataset", NAME, "--data-dir", toy.data_dir, "--cache-dir", tmp_path / "cache",
+                 "--text-encoder", toy.bert_dir, "--device", device)
+    assert_clean_error(result, f"--device {device!r}")
+    run_dir = copy_run(finished, tmp_path)
+    items = tmp_path / "new.tsv"
+    items.write_text("n1\tthe red cat\n")
+    assert_clean_error(cli("add-items", "--run", run_dir, "--items", items, "--device", device), f"--device {device!r}")
+    assert not (run_dir / "catalogue").exists()
+
+
+@pytest.mark.parametrize("name", ["items.parquet", "items.npz"])
+def test_an_unwritable_export_path_is_named(name, finished, tmp_path):
+    run_dir = copy_run(finished, tmp_path)
+    output = run_dir / "config.json" / name  # its folder would have to be a file
+    assert_clean_error(cli("export-items", "--run", run_dir, "--output", output), f"--output {output}: cannot write")
+
+
+def test_a_text_encoder_whose_config_json_is_empty_is_named(toy, tmp_path):
+    text_dir = Path(shutil.copytree(toy.bert_dir, tmp_path / "text"))
+    (text_dir / "config.json").write_text("{}")
+    result = cli("extract", "--dataset", NAME, "--data-dir", toy.data_dir, "--cache-dir", tmp_path / "cache",
+                 "--text-encoder", text_dir, "--vision-encoder", "pmmcache-tiny-vit", "--vision-weights", "random",
+                 "-k", "1", "--num-workers", "0", "--device", "cpu")
+    assert_clean_error(result, f"text encoder {text_dir / 'config.json'} is not a transformers model config")
+
+
+@pytest.mark.parametrize("setting, named", [
+    ("objectives.temperature=0", "objectives.temperature = 0.0; must be a positive number"),
+    ("objectives.temperature=-0.5", "objectives.temperature = -0.5"),
+    ("objectives.temperature=nan", "objectives.temperature = nan"),
+    ("objectives.temperature=inf", "objectives.temperature = inf"),
+    ("objectives.dap_temperature=nan", "objectives.dap_temperature = nan"),
+    ("objectives.nid=nan", "objectives.nid = nan; a weight must be >= 0"),
+    ("objectives.rcl=-1", "objectives.rcl = -1.0"),
+    ("objectives.shuffle_fraction=1.5", "objectives.shuffle_fraction = 1.5; must be in [0, 1]"),
+])
+def test_bad_objective_settings_are_config_errors_not_nan_losses(setting, named, toy, tmp_path):
+    data = train_settings(toy, tmp_path / "runs", "bad")
+    set_dotted(data, setting)
+    with pytest.raises(ConfigError, match="objectives"):
+        from_dict(TrainConfig, data)
+    result = cli(*train_cli_args(toy, tmp_path / "runs", "bad", epochs=1), "--set", setting)
+    assert "lower --lr" not in assert_clean_error(result, named)
+    assert not (tmp_path / "runs" / "bad").exists()
