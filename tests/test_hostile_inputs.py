@@ -312,3 +312,90 @@ def test_bad_objective_settings_are_config_errors_not_nan_losses(setting, named,
     result = cli(*train_cli_args(toy, tmp_path / "runs", "bad", epochs=1), "--set", setting)
     assert "lower --lr" not in assert_clean_error(result, named)
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+# ------------------------------------------------------------------------------- 5. a planted pickle everywhere
+
+
+class Planted:
+    """Unpickling this runs code: it creates the marker file named when it was pickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def plant(path: Path, marker: Path) -> None:
+    """Replace `path` by a pickle that creates `marker` when loaded; in torch's format where torch reads the file."""
+    import pickle
+
+    import torch
+
+    if path.suffix in (".bin", ".pkl", ".pt"):
+        torch.save(Planted(marker), path)
+    else:
+        path.write_bytes(pickle.dumps(Planted(marker)))
+
+
+@pytest.fixture(scope="module")
+def swept(toy, tmp_path_factory) -> Path:
+    """A finished 2-epoch run (evaluated, with added items) on its own copy of the cache, and a
+    pristine copy of both under backup/."""
+    root = tmp_path_factory.mktemp("swept")
+    shutil.copytree(toy.cache_dir, root / "cache")
+    run_dir = train.run(train_config(toy, root / "runs", "run", epochs=2, cache_dir=str(root / "cache")),
+                        show_progress=False).run_dir
+    assert cli("eval", "--run", run_dir).exit_code == 0
+    (root / "new.tsv").write_text("n1\tthe red cat\nn2\tthe blue dog\n")
+    assert cli("add-items", "--run", run_dir, "--items", root / "new.tsv", "--device", "cpu").exit_code == 0
+    for name in ("runs", "cache"):
+        shutil.copytree(root / name, root / "backup" / name)
+    return root
+
+
+def sweep_commands(toy, root: Path) -> dict[str, list[str]]:
+    """The commands that read a run directory and a cache, as `pmmcache` arguments."""
+    resume = train_cli_args(toy, root / "runs", "run", epochs=3) + ["--resume"]
+    resume[resume.index("--cache-dir") + 1] = str(root / "cache")
+    run_dir = str(root / "runs" / "run")
+    return {
+        "train --resume": resume,
+        "eval": ["eval", "--run", run_dir],
+        "recommend": ["recommend", "--run", run_dir, "--history", f"{NAME}/i1 {NAME}/i2 new/n1"],
+        "extract": ["extract", "--dataset", NAME, "--data-dir", str(toy.data_dir), "--cache-dir", str(root / "cache"),
+                    "--text-encoder", str(toy.bert_dir), "--vision-encoder", "pmmcache-tiny-vit",
+                    "--vision-weights", "random", "-k", "1", "--max-text-length", "16", "--image-size", "64",
+                    "--batch-size", "16", "--num-workers", "0", "--device", "cpu"],
+    }
+
+
+def test_a_pickle_planted_in_any_file_of_a_run_or_cache_is_never_loaded(toy, swept, tmp_path):
+    marker = tmp_path / "code-ran"
+    backup = swept / "backup"
+    planted = sorted(p.relative_to(backup) for p in backup.rglob("*") if p.is_file())
+    assert any("checkpoints" in p.parts for p in planted) and any(p.suffix == ".h5" for p in planted)
+    commands = sweep_commands(toy, swept)
+    outcomes, unclean = {}, []
+    for relative in planted:
+        for command, args in commands.items():
+            if command == "extract" and relative.parts[0] != "cache":
+                continue
+            for name in ("runs", "cache"):  # every case starts from the finished run and its cache
+                shutil.rmtree(swept / name)
+                shutil.copytree(backup / name, swept / name)
+            plant(swept / relative, marker)
+            result = cli(*args)
+            assert not marker.exists(), f"`{command}` unpickled {relative}"
+            outcomes[relative, command] = result.exit_code
+            refused = result.exit_code == 2 and "\nerror: " in "\n" + result.stderr  # a message, not a crash
+            if not (result.exit_code == 0 or refused) or "Traceback" in result.stderr:
+                unclean.append(f"{command} with {relative}: exit {result.exit_code}, {result.exception!r}")
+    assert not unclean, "\n".join(unclean)
+    # The planted files that matter were refused, not skipped: e.g. the model parts and the cache;
+    # a planted checkpoint file is passed over for the checkpoint before it.
+    assert outcomes[Path("runs/run/best/item_tower.safetensors"), "eval"] == 2
+    assert outcomes[Path("runs/run/checkpoints/epoch-0002/optimizer.bin"), "train --resume"] == 0
+    h5 = next(p for p in planted if p.parts[0] == "cache" and p.suffix == ".h5")
+    assert {outcomes[h5, command] for command in commands} == {2}
