@@ -251,10 +251,10 @@ class AddResult:
 def new_items_dataset(items_file: Path, images: Path | None, source: str) -> Any:
     """The new items as a prepared dataset without users: what stage 1 extracts."""
     from pmmcache.data.images import open_image_path
-    from pmmcache.data.prepare import ITEM_SCHEMA, USER_SCHEMA, PrepareConfig, PreparedDataset, _check_source_name
+    from pmmcache.data.prepare import ITEM_SCHEMA, USER_SCHEMA, PrepareConfig, PreparedDataset, check_source_name
     from pmmcache.data.readers import _read_pmmrec_texts
 
-    _check_source_name(source)
+    check_source_name(source)
     if not Path(items_file).is_file():
         raise PmmcacheError(f"items file {items_file} not found (expected `item \\t text` per line)")
     texts = _read_pmmrec_texts(Path(items_file))

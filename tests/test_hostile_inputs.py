@@ -314,6 +314,37 @@ def test_bad_objective_settings_are_config_errors_not_nan_losses(setting, named,
     assert not (tmp_path / "runs" / "bad").exists()
 
 
+# ------------------------------------------------------------------------------- 4. smaller ones
+
+
+def test_extract_takes_set_overrides_like_train(monkeypatch):
+    from pmmcache import extract
+
+    seen = []
+    monkeypatch.setattr(extract, "run", lambda config: seen.append(config))
+    result = cli("extract", "--dataset", NAME, "--set", "data.min_core=3", "--set", "batch_size=8")
+    assert result.exit_code == 0, result.output
+    assert seen[0].data.min_core == 3 and seen[0].batch_size == 8
+    assert_clean_error(cli("extract", "--set", "data.min_cor=3"), "'min_cor' for PrepareConfig in data")
+
+
+@pytest.mark.parametrize("verb", ["extract", "train"])
+def test_a_misspelt_demo_domain_is_refused_before_the_demo_is_generated(verb, tmp_path):
+    result = cli(verb, "--dataset", "demo/kitchn", "--data-dir", tmp_path / "data", "--cache-dir", tmp_path / "cache")
+    assert_clean_error(result, "the demo has no domain 'kitchn'; domains: kitchen, garden")
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("source", ["my shop", "tab\there", "a/b"])
+def test_a_source_name_that_keys_could_not_name_is_refused(source, finished, tmp_path):
+    run_dir = copy_run(finished, tmp_path)
+    items = tmp_path / "new.tsv"
+    items.write_text("n1\tthe red cat\n")
+    result = cli("add-items", "--run", run_dir, "--items", items, "--source", source, "--device", "cpu")
+    assert_clean_error(result, f"source name {source!r} must be non-empty, without '/' or spaces")
+    assert not (run_dir / "catalogue").exists()
+
+
 # ------------------------------------------------------------------------------- 5. a planted pickle everywhere
 
 
