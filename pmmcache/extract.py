@@ -6,7 +6,6 @@ the main process creates the file first and marks it complete last.
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 import time
@@ -23,12 +22,12 @@ from tqdm.auto import tqdm
 
 from pmmcache import cache as cache_io
 from pmmcache.config import to_dict
-from pmmcache.data.images import open_image_store
+from pmmcache.data.images import decode_image, open_image_store
 from pmmcache.data.prepare import PrepareConfig
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, VisionEncoderSpec
 from pmmcache.encoders.hub import packaged_text_model_path
-from pmmcache.errors import CacheMismatchError, ConfigError, PmmcacheError
+from pmmcache.errors import CacheMismatchError, ConfigError, DataError, PmmcacheError
 from pmmcache.files import write_json
 from pmmcache.runtime import check_device, use_cpu
 
@@ -180,8 +179,10 @@ class ItemRows(Dataset):
         if data is None:
             return None, cache_io.FLAG_IMAGE_MISSING
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                return img.convert("RGB"), 0
+            return decode_image(data, f"{self.store_specs[store_id]['path']}, image {key!r}",
+                                self.vision_encoder.spec.image_size), 0
+        except DataError:  # too large to decode: the user must act, not a flag in the report
+            raise
         except Exception:  # PIL raises many types for corrupt data; all mean "unreadable"
             return None, cache_io.FLAG_IMAGE_UNREADABLE
 

@@ -345,6 +345,49 @@ def test_a_source_name_that_keys_could_not_name_is_refused(source, finished, tmp
     assert not (run_dir / "catalogue").exists()
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is `width` x `height` (and holds no pixels): what PIL reads before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def test_an_image_of_too_many_pixels_is_decoded_reduced_or_refused_by_name(monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from pmmcache.data import images
+    from pmmcache.errors import DataError
+
+    with pytest.raises(DataError, match="shop, image 'big': the image is 11000 x 11000 pixels, more than"):
+        images.decode_image(png_header(11000, 11000), "shop, image 'big'", 224)  # judged from the header
+    with pytest.raises(DataError, match="shop, image 'huge': too large to decode"):
+        images.decode_image(png_header(20000, 20000), "shop, image 'huge'", 224)  # beyond PIL's own limit
+    photo = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (200, 30, 30)).save(photo, "JPEG")
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 1_000_000)
+    reduced = images.decode_image(photo.getvalue(), "shop, image 'photo'", 224)
+    assert reduced.mode == "RGB" and reduced.size == (400, 300)  # 1/4 scale: still >= 224 on each side
+    assert images.decode_image(photo.getvalue(), "x", 224).getpixel((200, 150))[0] > 150
+    with pytest.raises(DataError, match="1600 x 1200"):  # 1/2 scale is the most that keeps 700 px
+        images.decode_image(photo.getvalue(), "shop, image 'photo'", 700)
+
+
+def test_extract_names_an_image_of_too_many_pixels(toy, tmp_path):
+    data_dir = Path(shutil.copytree(toy.data_dir, tmp_path / "data"))
+    (data_dir / NAME / f"{NAME}_images" / "i5.png").write_bytes(png_header(11000, 11000))
+    result = cli("extract", "--dataset", NAME, "--data-dir", data_dir, "--cache-dir", tmp_path / "cache",
+                 "--text-encoder", toy.bert_dir, "--vision-encoder", "pmmcache-tiny-vit", "--vision-weights", "random",
+                 "-k", "1", "--image-size", "64", "--max-text-length", "16", "--num-workers", "0", "--device", "cpu")
+    assert_clean_error(result, f"{NAME}_images, image 'i5': the image is 11000 x 11000 pixels")
+
+
 # ------------------------------------------------------------------------------- 5. a planted pickle everywhere
 
 
