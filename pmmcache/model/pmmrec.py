@@ -198,8 +198,8 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise PmmcacheError(f"{path}: not a readable safetensors file ({err}); it is damaged: retrain the run, "
-                            "or resume it (`pmmcache train --resume`) if it has checkpoints") from err
+        raise PmmcacheError(f"{path}: not a readable safetensors file ({err}); it is damaged or was not written "
+                            "by pmmcache") from err
 
 
 def _preview(keys: list[str], limit: int = 5) -> str:
