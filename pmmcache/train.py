@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from pmmcache import cache as cache_io
 from pmmcache import checkpoints as ckpt
 from pmmcache.batches import Prefetcher, prepare_batch, trim_padding
-from pmmcache.config import from_dict, to_dict, to_json
+from pmmcache.config import from_dict, load_file, to_dict, to_json
 from pmmcache.data.prepare import PrepareConfig
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, VisionEncoder
@@ -295,10 +295,12 @@ class TrainingStep(nn.Module):
         return losses
 
 
-def nonfinite_loss_cause(batch: Any, store: ItemStore | IdItems, keys: list[str], cache_path: Path | None) -> str:
+def nonfinite_loss_cause(batch: Any, store: ItemStore | IdItems, model: PMMRec, keys: list[str],
+                         cache_path: Path | None) -> str:
     """Why a step's loss was not finite, for the error: the batch's items whose cached states are
     not finite (the cache is damaged: re-extract them), or, when every state is finite, the
-    optimisation (learning rate, precision), naming the batch's items either way."""
+    optimisation (learning rate, precision), naming the batch's items either way and saying
+    whether the item tower already turns them into non-finite vectors."""
     items = batch.items.tolist() if batch.items is not None else []
     items = [i for i in items if i > 0]  # 0 is padding
 
@@ -317,6 +319,11 @@ def nonfinite_loss_cause(batch: Any, store: ItemStore | IdItems, keys: list[str]
         source = "their cached states are finite"
     else:
         source = "an ID-based model reads no cache"
+    with torch.no_grad():
+        vectors = model.encode_items(batch.states).vector  # (U, d)
+    diverged = int((~torch.isfinite(vectors).all(-1)).sum())
+    source += (f"; {diverged} of their item vectors are not (the item tower's weights diverged)" if diverged
+               else "; their item vectors are finite")
     return (f"The batch's {len(items)} items ({named(items)}): {source}, so the optimisation diverged; "
             "try a lower --lr, --grad-clip 1.0, or bf16 instead of fp16")
 
@@ -521,8 +528,6 @@ def trained_setup(run_dir: Path, device: torch.device, **changes: Any) -> Setup:
 
     `changes` override config fields (e.g. dataset); the whole model always comes from `run_dir/best`.
     """
-    from pmmcache.config import load_file
-
     if not (best_dir(run_dir) / "config.json").is_file():
         raise PmmcacheError(f"{run_dir} has no trained model (best/); train it first with `pmmcache train`")
     path = Path(run_dir) / "config.json"
@@ -663,7 +668,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
                     f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1} "
                     f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopped. "
                     f"The last good checkpoint is {ckpt.latest_checkpoint(checkpoints) or 'none (no epoch finished)'}. "
-                    + nonfinite_loss_cause(batch, store, dataset.item_keys(), s.cache_path))
+                    + nonfinite_loss_cause(batch, store, unwrapped, dataset.item_keys(), s.cache_path))
             accelerator.backward(loss)
             if config.grad_clip > 0:
                 accelerator.clip_grad_norm_(step_module.parameters(), config.grad_clip)
@@ -729,15 +734,12 @@ RESUMABLE_CHANGES = ("epochs", "patience", "resume", "prefetch")
 
 
 def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
-    from pmmcache.config import load_file
-
     config_path = run_dir / "config.json"
     if config.resume:
         if not config_path.is_file():
             raise PmmcacheError(f"--resume: no run at {run_dir} (no config.json)")
         # Through from_dict: settings added to TrainConfig after the run was made count as their defaults.
         saved = to_dict(from_dict(TrainConfig, load_file(config_path), where=str(config_path)))
-        settle_dir(run_dir / "best")  # finish a replacement of best/ that a crash interrupted
         current = to_dict(config)
         changed = sorted(k for k in saved.keys() | current.keys()
                          if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
@@ -747,6 +749,7 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
         extended = {k: current[k] for k in RESUMABLE_CHANGES if k != "resume" and saved.get(k) != current[k]}
         if extended:  # e.g. more epochs: config.json keeps saying how the run is being trained
             write_json(config_path, {**saved, **extended})
+        settle_dir(run_dir / "best")  # finish a replacement of best/ that a crash interrupted
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         raise PmmcacheError(f"run directory {run_dir} already exists; pass --resume to continue it, "

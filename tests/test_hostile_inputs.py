@@ -194,7 +194,8 @@ def test_a_nan_loss_with_finite_states_keeps_the_learning_rate_advice_and_names_
     with pytest.raises(PmmcacheError) as err:
         train.run(train_config(toy, tmp_path / "runs", "diverged"), show_progress=False)
     message = str(err.value)
-    assert "their cached states are finite, so the optimisation diverged; try a lower --lr" in message
+    assert ("their cached states are finite; their item vectors are finite, so the optimisation diverged; try a "
+            "lower --lr") in message
     assert f"items ({NAME}/i" in message and "re-extract" not in message
 
 
