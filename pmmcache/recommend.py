@@ -357,6 +357,13 @@ def add_items(config: AddItemsConfig, show_progress: bool = True) -> AddResult:
 
 def export_items(config: ExportConfig) -> Path:
     """Write every catalogue item's key and vector with the run's config, atomically; returns the file."""
+    output = Path(config.output)
+    try:  # before the catalogue is built: an unwritable --output fails at once
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(output.parent, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as err:
+        raise _unwritable(output, err) from err
     recommender = Recommender(config.run)
     catalogue = recommender.catalogue
     vectors = catalogue.table[1:].float().cpu().numpy()  # (N, d)
@@ -368,10 +375,8 @@ def export_items(config: ExportConfig) -> Path:
     meta = {"run": str(config.run), "config": recommender.config, "items": len(catalogue.keys),
             "trained_items": catalogue.trained, "added_items": len(catalogue.keys) - catalogue.trained,
             "score": "dot product of a user vector and these vectors"}
-    output = Path(config.output)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}{output.suffix}")
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
         if output.suffix == ".npz":
             np.savez(tmp, keys=np.array(catalogue.keys), vectors=vectors, metadata=np.array(json.dumps(meta)))
         else:
@@ -382,8 +387,11 @@ def export_items(config: ExportConfig) -> Path:
             table = table.replace_schema_metadata({"pmmcache": json.dumps(meta, sort_keys=True)})
             pq.write_table(table, tmp)
         os.replace(tmp, output)
-    except OSError as err:  # pyarrow's write errors are OSErrors too
-        if tmp.parent.is_dir():
-            tmp.unlink(missing_ok=True)
-        raise PmmcacheError(f"--output {output}: cannot write it ({err.strerror or err})") from err
+    except OSError as err:  # e.g. the disk is full; pyarrow's write errors are OSErrors too
+        tmp.unlink(missing_ok=True)
+        raise _unwritable(output, err) from err
     return output
+
+
+def _unwritable(output: Path, err: OSError) -> PmmcacheError:
+    return PmmcacheError(f"--output {output}: cannot write it ({err.strerror or err})")
