@@ -76,9 +76,12 @@ def truncate(path: Path) -> None:
 # ------------------------------------------------------------------------------- 1. checkpoints and best/
 
 
+CHANGED = "is not the file that was saved (its checksum differs)"
+
+
 @pytest.mark.parametrize("damage, reason", [
-    (lambda c: truncate(c / "model.safetensors"), "model.safetensors is not the file that was saved (its checksum differs)"),
-    (lambda c: (c / "optimizer.bin").write_bytes(b"\0" * 64), "optimizer.bin is not the file that was saved (its checksum differs)"),
+    (lambda c: truncate(c / "model.safetensors"), f"model.safetensors {CHANGED}"),
+    (lambda c: (c / "optimizer.bin").write_bytes(b"\0" * 64), f"optimizer.bin {CHANGED}"),
     (lambda c: (c / "scheduler.bin").unlink(), "scheduler.bin is missing"),
     (lambda c: (c / "COMPLETE").write_bytes(b"\xff\xfe{"), "its COMPLETE record is unreadable"),
 ])
