@@ -417,8 +417,8 @@ class TrainState:
                                 "does not load. Start a new run (another --run-name) instead of resuming it")
         try:
             values = json.loads(path.read_text())
-            return cls(**{f.name: values[f.name] for f in fields(cls)})
-        except (ValueError, KeyError, TypeError) as err:
+            return from_dict(cls, {f.name: values[f.name] for f in fields(cls)}, where=str(path))  # types checked
+        except (ValueError, KeyError, TypeError, ConfigError) as err:
             raise PmmcacheError(f"{path}: not a training state written by pmmcache ({err})") from err
 
 

@@ -112,6 +112,19 @@ def test_an_older_checkpoint_without_checksums_is_checked_by_loading_it(toy, fin
     assert [learned(r) for r in resumed.history] == [learned(r) for r in finished.history]
 
 
+def test_an_older_checkpoint_with_malformed_progress_is_passed_over(toy, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    run_dir = train.run(train_config(toy, runs, "typed", epochs=2), show_progress=False).run_dir
+    for epoch in (1, 2):  # unsealed, so only the loading checks stand between the file and the loop
+        (checkpoint(run_dir, epoch) / "COMPLETE").write_text(str(epoch))
+    state = checkpoint(run_dir, 2) / "train_state.json"
+    state.write_text(state.read_text().replace('"epoch": 2', '"epoch": "two"'))
+    resumed = train.run(train_config(toy, runs, "typed", epochs=3, resume=True), show_progress=False)
+    assert f"{state}: not a training state written by pmmcache ({state}.epoch: expected an integer, got 'two')" \
+        in capsys.readouterr().err
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
 def test_resume_with_every_checkpoint_damaged_is_one_error_naming_each(toy, tmp_path):
     runs = tmp_path / "runs"
     run_dir = train.run(train_config(toy, runs, "dead", epochs=2), show_progress=False).run_dir
