@@ -39,6 +39,7 @@ class Batch:
     predict: torch.Tensor | None = None  # (B, N - 1) bool: targets this batch trains on (None = all)
     negative_ids: torch.Tensor | None = None  # (M,) uniform catalogue negatives (mixed negatives)
     negative_inverse: torch.Tensor | None = None  # (M,) their positions among the unique items
+    items: torch.Tensor | None = None  # (U,) the unique item indices, in the order of `states` (host)
 
 
 def trim_padding(ids: torch.Tensor) -> torch.Tensor:
@@ -90,7 +91,7 @@ def prepare_batch(sequences: torch.Tensor, users: np.ndarray, store: ItemStore, 
     states = store.get(unique)
     return Batch(ids=to_device(ids, device), inverse=to_device(inverse, device), states=states,
                  corrupted_inverse=corrupted_inverse, labels=labels, num_items=int((ids > 0).sum()),
-                 predict=predict, negative_ids=negative_ids, negative_inverse=negative_inverse)
+                 predict=predict, negative_ids=negative_ids, negative_inverse=negative_inverse, items=unique)
 
 
 Item = TypeVar("Item")

@@ -120,8 +120,9 @@ def encoder_options(command: Any) -> Any:
 @click.option("--cache-dtype", type=click.Choice(["float16", "int8"]), help="How states are stored: float16, or int8 with a float16 scale per token (half the size; dequantised on read).  [default: float16]")
 @click.option("--seed", type=int, help="Seed of randomly initialised encoders.  [default: 0]")
 @click.option("--force", is_flag=True, default=None, help="Rebuild a cache that was made with other settings.")
+@click.option("--set", "settings", multiple=True, help="Override any setting, e.g. --set data.min_core=3 (as for train).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML/YAML/JSON file of these settings.")
-def extract(config_file: str | None, **options: Any) -> None:
+def extract(config_file: str | None, settings: tuple[str, ...], **options: Any) -> None:
     """Stage 1: encode every item's text and image with the frozen lower encoder blocks into an HDF5 cache.
 
     Resumable: interrupt it at any moment and rerun the same command to continue. Runs under
@@ -130,7 +131,7 @@ def extract(config_file: str | None, **options: Any) -> None:
     from pmmcache import extract as stage
 
     _quiet_libraries()
-    stage.run(build_config(stage.ExtractConfig, config_file, options))
+    stage.run(build_config(stage.ExtractConfig, config_file, options, settings))
 
 
 @main.command("verify-cache")

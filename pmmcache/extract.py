@@ -11,7 +11,6 @@ whom) and then finds the work done.
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 import time
@@ -29,15 +28,15 @@ from tqdm.auto import tqdm
 
 from pmmcache import cache as cache_io
 from pmmcache.config import to_dict
-from pmmcache.data.images import open_image_store
+from pmmcache.data.images import decode_image, open_image_store
 from pmmcache.data.prepare import PrepareConfig, problem_lines
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, VisionEncoderSpec
 from pmmcache.encoders.hub import packaged_text_model_path
-from pmmcache.errors import CacheMismatchError, ConfigError, PmmcacheError
+from pmmcache.errors import CacheMismatchError, ConfigError, DataError, PmmcacheError
 from pmmcache.files import write_json
 from pmmcache.locks import exclusive_lock, lock_timeout
-from pmmcache.runtime import use_cpu
+from pmmcache.runtime import check_device, use_cpu
 
 Modality = Literal["text", "image"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,6 +72,7 @@ class ExtractConfig:
             raise ConfigError(f"modalities must be a non-empty subset of text,image; got {','.join(self.modalities)}")
         if self.top_blocks < 0 or self.batch_size < 1 or self.max_text_length < 2:
             raise ConfigError("top_blocks must be >= 0, batch_size >= 1, max_text_length >= 2")
+        check_device(self.device)
 
 
 # Encoders a dataset uses when none is given. The demo must run on a fresh machine with no download:
@@ -187,12 +187,22 @@ class ItemRows(Dataset):
         if data is None:
             return None, cache_io.FLAG_IMAGE_MISSING
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                return img.convert("RGB"), 0
+            return decode_image(data, f"{self.store_specs[store_id]['path']}, image {key!r}",
+                                self.vision_encoder.spec.image_size), 0
+        except DataError:  # too large to decode: the user must act, not a flag in the report
+            raise
         except Exception:  # PIL raises many types for corrupt data; all mean "unreadable"
             return None, cache_io.FLAG_IMAGE_UNREADABLE
 
-    def __getitem__(self, i: int) -> ItemBatch:
+    def __getitem__(self, i: int) -> ItemBatch | PmmcacheError:
+        """The batch, or the user-facing error that loading it raised: returned rather than raised, since
+        DataLoader re-raises a worker's error with the worker's traceback pasted into its message."""
+        try:
+            return self._load(i)
+        except PmmcacheError as err:
+            return err
+
+    def _load(self, i: int) -> ItemBatch:
         rows = self.batches[i]
         flags = np.zeros(len(rows), dtype=np.uint8)
         batch = ItemBatch(rows=rows, flags=flags)
@@ -316,6 +326,8 @@ def _extract_into(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
         # The file is allocated up front; a disk full here is elsewhere (e.g. the temporary folder).
         with torch.no_grad(), cache_io.explain_disk_full(path, row_bytes * len(pending)):
             for batch in loader:
+                if isinstance(batch, PmmcacheError):  # raised while loading the batch, in a worker or here
+                    raise batch
                 arrays = _encode(batch, text, vision, device, config.cache_dtype)
                 if writer.has("item_hash"):
                     arrays["item_hash"] = hashes[batch.rows]

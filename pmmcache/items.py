@@ -130,6 +130,16 @@ class ItemStore:
         return states
 
 
+def nonfinite_items(states: cache_io.ItemStates) -> torch.Tensor:
+    """(U,) bool for the states of U items: True where an item's cached text or image states hold a
+    NaN or an infinity (an fp16 overflow at extraction, a damaged file), which no training can mend."""
+    bad = torch.zeros(states.modality.shape[0], dtype=torch.bool, device=states.modality.device)
+    for tensor in (states.text, states.image):
+        if tensor is not None:
+            bad |= ~torch.isfinite(tensor).flatten(1).all(1)
+    return bad
+
+
 class IdItems:
     """The "store" of an ID-based model: an item's input is its index (there is no cache to read)."""
 

@@ -31,6 +31,7 @@ from pmmcache.errors import ConfigError, PmmcacheError
 from pmmcache.files import write_json
 from pmmcache.integrity import check_sample
 from pmmcache.items import ItemStore
+from pmmcache.runtime import check_device
 
 CATALOGUE_DIR = "catalogue"
 REGISTRY = "catalogue.json"
@@ -68,6 +69,9 @@ class AddItemsConfig:
     batch_size: int = 64
     num_workers: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -249,10 +253,10 @@ class AddResult:
 def new_items_dataset(items_file: Path, images: Path | None, source: str) -> Any:
     """The new items as a prepared dataset without users: what stage 1 extracts."""
     from pmmcache.data.images import open_image_path
-    from pmmcache.data.prepare import ITEM_SCHEMA, USER_SCHEMA, PrepareConfig, PreparedDataset, _check_source_name
+    from pmmcache.data.prepare import ITEM_SCHEMA, USER_SCHEMA, PrepareConfig, PreparedDataset, check_source_name
     from pmmcache.data.readers import _read_pmmrec_texts
 
-    _check_source_name(source)
+    check_source_name(source)
     if not Path(items_file).is_file():
         raise PmmcacheError(f"items file {items_file} not found (expected `item \\t text` per line)")
     texts = _read_pmmrec_texts(Path(items_file))
@@ -355,6 +359,13 @@ def add_items(config: AddItemsConfig, show_progress: bool = True) -> AddResult:
 
 def export_items(config: ExportConfig) -> Path:
     """Write every catalogue item's key and vector with the run's config, atomically; returns the file."""
+    output = Path(config.output)
+    try:  # before the catalogue is built: an unwritable --output fails at once
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(output.parent, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as err:
+        raise _unwritable(output, err) from err
     recommender = Recommender(config.run)
     catalogue = recommender.catalogue
     vectors = catalogue.table[1:].float().cpu().numpy()  # (N, d)
@@ -366,17 +377,23 @@ def export_items(config: ExportConfig) -> Path:
     meta = {"run": str(config.run), "config": recommender.config, "items": len(catalogue.keys),
             "trained_items": catalogue.trained, "added_items": len(catalogue.keys) - catalogue.trained,
             "score": "dot product of a user vector and these vectors"}
-    output = Path(config.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}{output.suffix}")
-    if output.suffix == ".npz":
-        np.savez(tmp, keys=np.array(catalogue.keys), vectors=vectors, metadata=np.array(json.dumps(meta)))
-    else:
-        import pyarrow.parquet as pq
+    try:
+        if output.suffix == ".npz":
+            np.savez(tmp, keys=np.array(catalogue.keys), vectors=vectors, metadata=np.array(json.dumps(meta)))
+        else:
+            import pyarrow.parquet as pq
 
-        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
-        table = pa.table({"key": pa.array(catalogue.keys, pa.string()), "vector": column})
-        table = table.replace_schema_metadata({"pmmcache": json.dumps(meta, sort_keys=True)})
-        pq.write_table(table, tmp)
-    os.replace(tmp, output)
+            column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
+            table = pa.table({"key": pa.array(catalogue.keys, pa.string()), "vector": column})
+            table = table.replace_schema_metadata({"pmmcache": json.dumps(meta, sort_keys=True)})
+            pq.write_table(table, tmp)
+        os.replace(tmp, output)
+    except OSError as err:  # e.g. the disk is full; pyarrow's write errors are OSErrors too
+        tmp.unlink(missing_ok=True)
+        raise _unwritable(output, err) from err
     return output
+
+
+def _unwritable(output: Path, err: OSError) -> PmmcacheError:
+    return PmmcacheError(f"--output {output}: cannot write it ({err.strerror or err})")

@@ -7,16 +7,16 @@ under `accelerate launch` (DDP). In-batch negatives stay per process (each proce
 Run directory `runs/<run>/`:
     config.json          the resolved TrainConfig (and what the cache and encoders were)
     metrics.jsonl        one line per epoch: losses, valid metrics, seconds, items/s
-    checkpoints/epoch-N  accelerate state (model safetensors, optimizer, scheduler, RNG) + train state
-    best/                model parts of the best epoch (safetensors) + metrics.json
+    checkpoints/epoch-N  accelerate state (model safetensors, optimizer, scheduler, RNG) + train state,
+                         the last two epochs, sealed with checksums (see pmmcache/checkpoints.py)
+    best/                model parts of the best epoch (safetensors) + metrics.json, replaced crash-safely
     eval.json            final valid/test metrics of the best epoch
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,15 +30,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pmmcache import cache as cache_io
+from pmmcache import checkpoints as ckpt
 from pmmcache.batches import Prefetcher, prepare_batch, trim_padding
-from pmmcache.config import from_dict, to_dict, to_json
+from pmmcache.config import from_dict, load_file, to_dict, to_json
 from pmmcache.data.prepare import PrepareConfig
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, VisionEncoder
-from pmmcache.errors import ConfigError, PmmcacheError
-from pmmcache.files import write_json, write_text_atomic
+from pmmcache.errors import ConfigError, DataError, PmmcacheError
+from pmmcache.files import replace_dir, settle_dir, settled_dir, write_json, write_text_atomic
 from pmmcache.evaluate import evaluate_splits, format_with_popularity, popularity_ranking
-from pmmcache.items import IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache, open_item_store
+from pmmcache.items import (IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache, nonfinite_items,
+                            open_item_store)
 from pmmcache.model import PMMRec, PMMRecConfig, build_pmmrec
 from pmmcache.model.pmmrec import read_parts_config
 from pmmcache.runtime import use_cpu
@@ -108,10 +110,18 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         for name, value in ABLATIONS[self.ablation].items():
             object.__setattr__(self, name, value)
-        if self.dap_temperature is not None and self.dap_temperature <= 0:
-            raise ConfigError(f"objectives.dap_temperature = {self.dap_temperature}; must be positive (or unset)")
-        if self.temperature <= 0:
-            raise ConfigError(f"objectives.temperature = {self.temperature}; must be positive")
+        # `not x > 0` also refuses NaN, which would otherwise reach the loss and read as a divergence.
+        if self.dap_temperature is not None and not 0 < self.dap_temperature < math.inf:
+            raise ConfigError(f"objectives.dap_temperature = {self.dap_temperature}; must be a positive number "
+                              "(or unset)")
+        if not 0 < self.temperature < math.inf:
+            raise ConfigError(f"objectives.temperature = {self.temperature}; must be a positive number")
+        for name in ("dap", "nicl", "nid", "rcl"):  # a NaN or negative weight would silently switch a term off
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"objectives.{name} = {getattr(self, name)}; a weight must be >= 0 (0 = off)")
+        for name in ("shuffle_fraction", "replace_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"objectives.{name} = {getattr(self, name)}; must be in [0, 1]")
         if self.uniform_negatives < 1:
             raise ConfigError(f"objectives.uniform_negatives = {self.uniform_negatives}; must be >= 1")
 
@@ -286,6 +296,39 @@ class TrainingStep(nn.Module):
         return losses
 
 
+def nonfinite_loss_cause(batch: Any, store: ItemStore | IdItems, model: PMMRec, keys: list[str],
+                         cache_path: Path | None) -> str:
+    """Why a step's loss was not finite, for the error: the batch's items whose cached states are
+    not finite (the cache is damaged: re-extract them), or, when every state is finite, the
+    optimisation (learning rate, precision), naming the batch's items either way and saying
+    whether the item tower already turns them into non-finite vectors."""
+    items = batch.items.tolist() if batch.items is not None else []
+    items = [i for i in items if i > 0]  # 0 is padding
+
+    def named(indices: list[int]) -> str:
+        shown = ", ".join(keys[i - 1] for i in indices[:8])
+        return shown + (f" and {len(indices) - 8} more" if len(indices) > 8 else "")
+
+    if isinstance(store, ItemStore) and batch.items is not None:
+        bad = nonfinite_items(batch.states).cpu()
+        broken = [int(i) for i in batch.items[bad].tolist() if i > 0]
+        if broken:
+            return (f"The cache {cache_path} holds non-finite values for {len(broken)} of the batch's "
+                    f"{len(items)} items: {named(broken)}. No learning rate helps: re-extract those items "
+                    "(`pmmcache verify-cache` lists every damaged item; `pmmcache extract --force` rebuilds the "
+                    "cache)")
+        source = "their cached states are finite"
+    else:
+        source = "an ID-based model reads no cache"
+    with torch.no_grad():
+        vectors = model.encode_items(batch.states).vector  # (U, d)
+    diverged = int((~torch.isfinite(vectors).all(-1)).sum())
+    source += (f"; {diverged} of their item vectors are not (the item tower's weights diverged)" if diverged
+               else "; their item vectors are finite")
+    return (f"The batch's {len(items)} items ({named(items)}): {source}, so the optimisation diverged; "
+            "try a lower --lr, --grad-clip 1.0, or bf16 instead of fp16")
+
+
 def optimizer_groups(model: PMMRec, config: TrainConfig) -> list[dict[str, Any]]:
     """AdamW parameter groups: the pretrained encoder blocks (`encoder_lr`, no weight decay), the
     heads loaded from `init` (`init_lr`), and the heads trained from scratch (`lr`)."""
@@ -370,17 +413,13 @@ class TrainState:
         """The progress saved in `checkpoint`; a checkpoint without it (made by pmmcache before it
         stopped pickling progress) is refused, since its pickle is not loaded."""
         path = checkpoint / cls.FILE
-        pickles = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*"))
-        if pickles:  # accelerate would unpickle these in full: refuse rather than run what they hold
-            raise PmmcacheError(f"{checkpoint} holds {', '.join(pickles)}, a pickle that pmmcache does not load (it "
-                                "writes none); start a new run (another --run-name) instead of resuming this one")
         if not path.is_file():
             raise PmmcacheError(f"{path}: missing; this checkpoint keeps its progress in a pickle, which pmmcache "
                                 "does not load. Start a new run (another --run-name) instead of resuming it")
         try:
             values = json.loads(path.read_text())
-            return cls(**{f.name: values[f.name] for f in fields(cls)})
-        except (ValueError, KeyError, TypeError) as err:
+            return from_dict(cls, {f.name: values[f.name] for f in fields(cls)}, where=str(path))  # types checked
+        except (ValueError, KeyError, TypeError, ConfigError) as err:
             raise PmmcacheError(f"{path}: not a training state written by pmmcache ({err})") from err
 
 
@@ -421,8 +460,9 @@ class Setup:
 def resolve_init_dir(init: str, runs_dir: Path) -> Path:
     """A run name, a run directory or a parts directory -> the directory holding the model parts."""
     for candidate in (Path(init), Path(runs_dir) / init):
-        if (candidate / "best" / "config.json").is_file():
-            return candidate / "best"
+        best = settled_dir(candidate / "best")
+        if best is not None and (best / "config.json").is_file():
+            return best
         if (candidate / "config.json").is_file() and (candidate / "item_tower.safetensors").is_file():
             return candidate
     raise PmmcacheError(f"--init {init}: no trained model found (looked for {init}/best/ and {runs_dir}/{init}/best/)")
@@ -489,13 +529,12 @@ def trained_setup(run_dir: Path, device: torch.device, **changes: Any) -> Setup:
 
     `changes` override config fields (e.g. dataset); the whole model always comes from `run_dir/best`.
     """
-    from pmmcache.config import load_file
-
-    if not (Path(run_dir) / "best" / "config.json").is_file():
+    if not (best_dir(run_dir) / "config.json").is_file():
         raise PmmcacheError(f"{run_dir} has no trained model (best/); train it first with `pmmcache train`")
-    data = load_file(Path(run_dir) / "config.json")
+    path = Path(run_dir) / "config.json"
+    data = load_file(path)
     data.update({"init": str(run_dir), "transfer": "full", "resume": False, **changes})
-    return setup(from_dict(TrainConfig, data), device)
+    return setup(from_dict(TrainConfig, data, where=str(path)), device)
 
 
 def setup(config: TrainConfig, device: torch.device) -> Setup:
@@ -581,9 +620,9 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     # checkpoints are full pickle loads, so a planted file in a run directory would run code on resume.
     state = TrainState()
     if config.resume:
-        latest = _latest_checkpoint(checkpoints)
-        if latest is not None:
-            state = TrainState.read(latest)
+        start = resume_point(checkpoints, warn=accelerator.is_main_process)
+        if start is not None:
+            latest, state = start
             accelerator.load_state(str(latest))
             if accelerator.is_main_process and show_progress:
                 print(f"resumed from {latest} (epoch {state.epoch} done)")
@@ -628,8 +667,8 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
                 raise PmmcacheError(
                     f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1} "
                     f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopped. "
-                    f"The last good checkpoint is {_latest_checkpoint(checkpoints) or 'none (no epoch finished)'}; "
-                    "try a lower --lr, --grad-clip 1.0, or bf16 instead of fp16")
+                    f"The last good checkpoint is {ckpt.latest_checkpoint(checkpoints) or 'none (no epoch finished)'}. "
+                    + nonfinite_loss_cause(batch, store, unwrapped, dataset.item_keys(), s.cache_path))
             accelerator.backward(loss)
             if config.grad_clip > 0:
                 accelerator.clip_grad_norm_(step_module.parameters(), config.grad_clip)
@@ -672,7 +711,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
 
     # Final numbers come from the best epoch's weights, on valid and test.
     accelerator.wait_for_everyone()
-    unwrapped.load_parts(run_dir / "best", parts=tuple(p for p in ("item_tower", "user_encoder")))
+    unwrapped.load_parts(best_dir(run_dir), parts=("item_tower", "user_encoder"))
     final = evaluate_splits(unwrapped, store, dataset, ("valid", "test"), config.ks, config.max_len,
                             config.mask_history, accelerator)
     popular = popularity_ranking(dataset, ("valid", "test"), config.ks, config.max_len, config.mask_history)
@@ -700,7 +739,7 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
         if not config_path.is_file():
             raise PmmcacheError(f"--resume: no run at {run_dir} (no config.json)")
         # Through from_dict: settings added to TrainConfig after the run was made count as their defaults.
-        saved = to_dict(from_dict(TrainConfig, json.loads(config_path.read_text()), where=str(config_path)))
+        saved = to_dict(from_dict(TrainConfig, load_file(config_path), where=str(config_path)))
         current = to_dict(config)
         changed = sorted(k for k in saved.keys() | current.keys()
                          if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
@@ -710,47 +749,83 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
         extended = {k: current[k] for k in RESUMABLE_CHANGES if k != "resume" and saved.get(k) != current[k]}
         if extended:  # e.g. more epochs: config.json keeps saying how the run is being trained
             write_json(config_path, {**saved, **extended})
+        settle_dir(run_dir / "best")  # finish a replacement of best/ that a crash interrupted
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         raise PmmcacheError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                             "or choose another --run-name")
 
 
-def _latest_checkpoint(checkpoints: Path) -> Path | None:
-    done = sorted(p for p in checkpoints.glob("epoch-*") if (p / "COMPLETE").is_file())
-    return done[-1] if done else None
+def resume_point(checkpoints: Path, warn: bool = True) -> tuple[Path, "TrainState"] | None:
+    """The newest intact checkpoint and its progress; None when no epoch finished. A newer one that is
+    damaged is passed over with a warning naming what is wrong (`warn`: this process prints it); when
+    every complete checkpoint is damaged, the error lists them all."""
+    damaged: list[tuple[Path, str]] = []
+    for candidate in reversed(ckpt.complete_checkpoints(checkpoints)):
+        trouble = ckpt.problem(candidate)
+        if trouble is None:
+            try:
+                state = TrainState.read(candidate)
+            except PmmcacheError as err:
+                trouble = str(err)
+        if trouble is None:
+            for path, why in damaged if warn else ():
+                print(f"warning: not resuming from {path}: {why}; resuming from {candidate} instead",
+                      file=sys.stderr)
+            return candidate, state
+        damaged.append((candidate, trouble))
+    if damaged:
+        raise PmmcacheError(f"--resume: no usable checkpoint in {checkpoints}: "
+                            + "; ".join(f"{path.name}: {why}" for path, why in damaged)
+                            + ". Start a new run (another --run-name) instead of resuming this one")
+    return None
+
+
+def best_dir(run_dir: Path) -> Path:
+    """The run's best/ model parts, also after a crash while they were being replaced."""
+    found = settled_dir(Path(run_dir) / "best")
+    if found is None:
+        raise PmmcacheError(f"{run_dir} has no trained model (best/); train it first with `pmmcache train`")
+    return found
 
 
 def _read_history(run_dir: Path, epochs_done: int) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, number = [], None
+    try:
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                records.append(json.loads(line))
+                if not isinstance(records[-1].get("epoch"), int):
+                    raise ValueError("no epoch number")
+    except (UnicodeDecodeError, ValueError, AttributeError) as err:
+        raise DataError(f"not the epoch records pmmcache writes ({err}); move the file aside to resume without "
+                        "the earlier epochs' records", path, number) from err
     return [r for r in records if r["epoch"] <= epochs_done]
 
 
 def _save_epoch(accelerator: Accelerator, model: PMMRec, run_dir: Path, state: TrainState, improved: bool,
                 record: dict[str, Any], history: list[dict[str, Any]]) -> None:
-    """Checkpoint the epoch (state for --resume; parts for best/), then drop older checkpoints."""
+    """Checkpoint the epoch (state for --resume; parts for best/), then drop all but the last two."""
     checkpoints = run_dir / "checkpoints"
     epoch = state.epoch
-    target = checkpoints / f"epoch-{epoch:04d}"
+    target = ckpt.checkpoint_dir(checkpoints, epoch)
+    if accelerator.is_main_process:
+        ckpt.remove(target)  # a damaged one resume passed over: never mix its files with the new ones
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(target), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process's RNG state is written before the checksums
     if accelerator.is_main_process:
         state.write(target)
         if improved:
-            tmp_best = run_dir / "best.tmp"
-            shutil.rmtree(tmp_best, ignore_errors=True)
-            model.save_parts(tmp_best)
-            write_json(tmp_best / "metrics.json", record)
-            shutil.rmtree(run_dir / "best", ignore_errors=True)
-            os.replace(tmp_best, run_dir / "best")
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
-        tmp = run_dir / "metrics.jsonl.tmp"
-        tmp.write_text(lines)
-        os.replace(tmp, run_dir / "metrics.jsonl")
-        (target / "COMPLETE").write_text(str(epoch))  # written last: a checkpoint without it is ignored
-        for old in checkpoints.glob("epoch-*"):
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+            def fill(directory: Path) -> None:
+                model.save_parts(directory)
+                write_json(directory / "metrics.json", record)
+
+            replace_dir(run_dir / "best", fill)
+        write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
+        ckpt.seal(target, epoch)  # written last: a checkpoint without it is ignored
+        ckpt.prune(checkpoints)
     accelerator.wait_for_everyone()

@@ -180,8 +180,12 @@ def test_pretrain_run_writes_config_metrics_checkpoint_best_and_eval(pretrained)
     assert history[0]["train_loss"] != history[-1]["train_loss"]
 
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == ["epoch-0003"]  # older epochs are dropped once the new one is complete
-    assert (run_dir / "checkpoints" / "epoch-0003" / "COMPLETE").read_text() == "3"
+    assert checkpoints == ["epoch-0002", "epoch-0003"]  # older epochs go once the new one is complete
+    for epoch in (2, 3):  # sealed with the checksum of every file
+        checkpoint = run_dir / "checkpoints" / f"epoch-{epoch:04d}"
+        sealed = json.loads((checkpoint / "COMPLETE").read_text())
+        assert sealed["epoch"] == epoch
+        assert sorted(sealed["sha256"]) == sorted(p.name for p in checkpoint.iterdir() if p.name != "COMPLETE")
 
     scores = [r["valid_NDCG@10"] for r in history]  # select_metric
     assert result.best_epoch == 1 + scores.index(max(scores))
@@ -253,7 +257,7 @@ def test_run_killed_after_two_epochs_resumes_to_the_uninterrupted_result(toy, pr
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     run_dir = runs / "killed"
     # Killed in epoch 3 after one optimizer step: epoch 2 is the last finished one.
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0002"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
     assert [r["epoch"] for r in read_history(run_dir)] == [1, 2] and not (run_dir / "eval.json").exists()
     # The CLI's config is the in-process one (so resuming it in-process is allowed).
     config = train_config(toy, runs, "killed")
@@ -300,28 +304,40 @@ class _Planted:
         return (Path.touch, (self.marker,))
 
 
-def test_resume_unpickles_nothing_from_the_run_directory(toy, pretrained, tmp_path):
+def test_resume_unpickles_nothing_from_the_run_directory(toy, pretrained, tmp_path, capsys):
     import pickle
 
-    run_dir = train.run(train_config(toy, tmp_path / "runs", "planted", epochs=1), show_progress=False).run_dir
-    checkpoint = run_dir / "checkpoints" / "epoch-0001"
-    assert json.loads((checkpoint / "train_state.json").read_text())["epoch"] == 1  # progress is JSON
+    runs = tmp_path / "runs"
+    run_dir = train.run(train_config(toy, runs, "planted", epochs=2), show_progress=False).run_dir
+    checkpoints = run_dir / "checkpoints"
+    assert json.loads((checkpoints / "epoch-0002" / "train_state.json").read_text())["epoch"] == 2  # progress is JSON
     marker = tmp_path / "code-ran"
-    (checkpoint / "random_states_0.pkl").write_bytes(pickle.dumps(_Planted(marker)))  # loaded weights-only
-    resumed = train.run(train_config(toy, tmp_path / "runs", "planted", epochs=2, resume=True), show_progress=False)
-    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    (checkpoints / "epoch-0002" / "random_states_0.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    # The replaced file is not the one saved: resume falls back to epoch 1, saying why.
+    resumed = train.run(train_config(toy, runs, "planted", epochs=3, resume=True), show_progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert ("not resuming from " + str(checkpoints / "epoch-0002") + ": random_states_0.pkl is not the file that "
+            "was saved") in capsys.readouterr().err
     assert not marker.exists()
-    # accelerate loads custom checkpoints with a full pickle load: such a file is refused, not loaded,
-    # and so is a checkpoint without its JSON progress (an old pickled one).
-    latest = run_dir / "checkpoints" / "epoch-0002"
-    (latest / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Planted(marker)))
-    with pytest.raises(PmmcacheError, match="custom_checkpoint_0.pkl, a pickle that pmmcache does not load"):
-        train.run(train_config(toy, tmp_path / "runs", "planted", epochs=3, resume=True), show_progress=False)
-    (latest / "custom_checkpoint_0.pkl").unlink()
-    (latest / "train_state.json").unlink()
+    # accelerate loads custom checkpoints with a full pickle load: such a file is refused, not loaded.
+    for checkpoint in ckpt_dirs(run_dir):
+        (checkpoint / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    with pytest.raises(PmmcacheError, match="no usable checkpoint.*custom_checkpoint_0.pkl, a pickle that pmmcache "
+                                            "does not load"):
+        train.run(train_config(toy, runs, "planted", epochs=4, resume=True), show_progress=False)
+    # A checkpoint sealed before checksums (COMPLETE = the epoch) without its JSON progress (an old
+    # pickled one) is refused too.
+    for checkpoint in ckpt_dirs(run_dir):
+        (checkpoint / "custom_checkpoint_0.pkl").unlink()
+        (checkpoint / "train_state.json").unlink()
+        (checkpoint / "COMPLETE").write_text(checkpoint.name[-1])
     with pytest.raises(PmmcacheError, match="does not load"):
-        train.run(train_config(toy, tmp_path / "runs", "planted", epochs=3, resume=True), show_progress=False)
+        train.run(train_config(toy, runs, "planted", epochs=4, resume=True), show_progress=False)
     assert not marker.exists()
+
+
+def ckpt_dirs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").iterdir())
 
 
 # ------------------------------------------------------------------------------- 3. fine-tuning
@@ -385,7 +401,8 @@ def test_a_nan_loss_stops_the_run_naming_the_last_good_checkpoint(toy, tmp_path,
     message = str(err.value)
     assert "loss became nan at epoch 2, step 1" in message and "dap=nan" in message
     assert f"last good checkpoint is {checkpoint}" in message
-    assert (checkpoint / "COMPLETE").read_text() == "1" and (checkpoint / "model.safetensors").is_file()
+    assert json.loads((checkpoint / "COMPLETE").read_text())["epoch"] == 1
+    assert (checkpoint / "model.safetensors").is_file()
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["epoch-0001"]
     assert [r["epoch"] for r in read_history(checkpoint.parent.parent)] == [1]
 
@@ -477,7 +494,7 @@ def test_two_processes_under_accelerate_launch_train_one_run_and_evaluate_like_o
     run_dir = runs / "ddp"
     assert done.stdout.count("best epoch") == 1  # only the main process reports
     assert [r["epoch"] for r in read_history(run_dir)] == [1, 2]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0002"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
 
     record = json.loads((run_dir / "eval.json").read_text())
     for split in ("valid", "test"):

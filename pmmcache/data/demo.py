@@ -565,6 +565,11 @@ def generate_demo(root: Path, config: DemoConfig = DemoConfig()) -> dict[str, An
     return content
 
 
+def domain_names(config: DemoConfig) -> list[str]:
+    """The domains `generate_demo(..., config)` writes, source domains first."""
+    return [theme.name for theme in THEMES[: config.n_source_domains + config.n_target_domains]]
+
+
 def _write_dataset(directory: Path, config: DemoConfig) -> dict[str, Any]:
     """Write every domain, then demo.json, into `directory`."""
     chains = make_latent_chains(np.random.default_rng([config.seed, 0]), config.transition_noise)

@@ -7,16 +7,27 @@ Three kinds, all opened lazily so a store can be built in one process and used i
   first use). A key that is a relative path inside the folder (`sub/x.png`) is read directly.
 - `lmdb`: the PMMRec layout, key = item key in UTF-8, value = encoded image bytes.
 - `parquet`: a column of encoded image bytes in a parquet items table, keyed by its item column.
+
+`decode_image` turns the bytes into an RGB image, with a limit on the pixels it decodes.
 """
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
 
 from pmmcache.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Decoding takes width x height x 3 bytes, several times over while converting: an 11000 x 11000
+# photo took ~2 GB. Above this many pixels a JPEG is decoded reduced (PIL's draft: 1/2, 1/4 or 1/8
+# scale, still at least the encoder's image size) and any other image is refused.
+MAX_IMAGE_PIXELS = 40_000_000
 
 # Pickle protocol 2+ starts with this byte; no image format does.
 _PICKLE_MAGIC = b"\x80"
@@ -231,6 +242,27 @@ class ParquetImageStore:
 
     def __reduce__(self):
         return open_image_store, (self.spec(),)
+
+
+def decode_image(data: bytes, where: str, min_side: int) -> Image.Image:
+    """Encoded image bytes -> an RGB image. One of more than MAX_IMAGE_PIXELS pixels is decoded
+    reduced when it is a JPEG (no side below `min_side` that was not already below it) and a
+    DataError naming `where` otherwise; bytes PIL cannot decode raise PIL's own errors."""
+    with warnings.catch_warnings():  # PIL warns from 89 Mpixels; the size is judged here instead
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))  # reads the header only
+        except Image.DecompressionBombError as err:
+            raise DataError(f"{where}: too large to decode ({err}); downscale it") from err
+        with img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS and img.format == "JPEG":
+                img.draft("RGB", (min(width, min_side), min(height, min_side)))
+                width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DataError(f"{where}: the image is {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS} "
+                                "pmmcache decodes (it would take gigabytes of memory); downscale it")
+            return img.convert("RGB")
 
 
 def is_lmdb_dir(path: Path) -> bool:

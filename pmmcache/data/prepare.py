@@ -415,10 +415,12 @@ def _problem_summary(problems: list) -> dict[str, Any]:
 # ---------------------------------------------------------------- prepare one source
 
 
-def _check_source_name(source: str) -> None:
-    # Keys are "<source>/<id>": a "/" inside a source name would make two sources collide.
-    if not source or "/" in source or source != source.strip():
-        raise PmmcacheError(f"source name {source!r} must be non-empty, without '/' or surrounding spaces")
+def check_source_name(source: str) -> None:
+    """Keys are "<source>/<id>": a "/" inside a source name would make two sources collide, and a
+    space would make keys that `pmmcache recommend --history` (keys separated by spaces) cannot name."""
+    if not source or "/" in source or any(c.isspace() for c in source):
+        raise PmmcacheError(f"source name {source!r} must be non-empty, without '/' or spaces: item keys are "
+                            "<source>/<item> and `pmmcache recommend --history` separates keys by spaces")
 
 
 def k_core(user_idx: np.ndarray, item_idx: np.ndarray, num_items: int, k: int) -> tuple[np.ndarray, int]:
@@ -449,7 +451,7 @@ def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDat
     """
     config = config or PrepareConfig()
     source = raw.source
-    _check_source_name(source)
+    check_source_name(source)
     _check_input(raw)
     item_ids = list(raw.items)
     item_pos = {item: i for i, item in enumerate(item_ids)}

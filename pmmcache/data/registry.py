@@ -140,18 +140,26 @@ def _ensure_demo(data_dir: Path, cache_dir: Path) -> None:
         generate_demo(root, DemoConfig())
 
 
+def _check_demo_domain(domain: str, domains: list[str]) -> None:
+    if domain not in domains:
+        raise PmmcacheError(f"the demo has no domain {domain!r}; domains: {', '.join(domains)}")
+
+
 def _layouts(name: str, data_dir: Path, cache_dir: Path) -> tuple[list[RawLayout], list[Path]]:
     """The raw layouts that make up `name`, and extra files (demo.json) to stamp."""
     if name == ML_100K:
         return [detect_layout(recbole_example_dir(ML_100K), ML_100K)], []
     if name == DEMO or name.startswith(DEMO + "/"):
-        _ensure_demo(data_dir, cache_dir)
+        domain = name[len(DEMO) + 1 :] if name != DEMO else None
         root = data_dir / DEMO
+        if domain is not None and not (root / "demo.json").is_file():  # a typo must not generate the demo first
+            from pmmcache.data.demo import DemoConfig, domain_names
+
+            _check_demo_domain(domain, domain_names(DemoConfig()))
+        _ensure_demo(data_dir, cache_dir)
         domains = [d["name"] for d in demo_domains(data_dir)]
-        if name != DEMO:
-            domain = name[len(DEMO) + 1 :]
-            if domain not in domains:
-                raise PmmcacheError(f"the demo has no domain {domain!r}; domains: {', '.join(domains)}")
+        if domain is not None:
+            _check_demo_domain(domain, domains)
             domains = [domain]
         return [detect_layout(root / d, d) for d in domains], [root / "demo.json"]
     if not _NAME.match(name):

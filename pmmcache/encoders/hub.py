@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pmmcache.errors import PmmcacheError
 
@@ -48,6 +49,19 @@ def _looks_like_path(name: str) -> bool:
 
 def _has_weights(directory: Path) -> bool:
     return any((directory / f).is_file() for f in _HF_WEIGHT_FILES)
+
+
+def read_hf_config(model_dir: Path, what: str) -> Any:
+    """The transformers config of a local model dir; one that transformers cannot read (not JSON, no
+    `model_type`, e.g. `{}`) is a PmmcacheError naming the file."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PmmcacheError(f"{what} {Path(model_dir) / 'config.json'} is not a transformers model config "
+                            f"({reason})") from err
 
 
 def resolve_hf_model_dir(name: str, *, what: str, option: str, hint: str = "") -> Path:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from pmmcache.config import to_dict
-from pmmcache.encoders.hub import resolve_text_model_dir
+from pmmcache.encoders.hub import read_hf_config, resolve_text_model_dir
 from pmmcache.errors import ConfigError, PmmcacheError
 
 # model_type -> how many leading position slots the embeddings never use for tokens
@@ -117,9 +117,9 @@ class TextEncoder(nn.Module):
     def load(cls, spec: TextEncoderSpec) -> "TextEncoder":
         """Load model and tokenizer from a local dir or the local HF cache, in fp32; never downloads."""
         model_dir = resolve_text_model_dir(spec.name)  # first: a missing model fails before slow imports
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer
 
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        config = read_hf_config(model_dir, "text encoder")
         if config.model_type not in _SUPPORTED_TEXT_MODELS:
             raise PmmcacheError(
                 f"text encoder {spec.name} is a {config.model_type!r} model; supported: "

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from pmmcache.config import to_dict
-from pmmcache.encoders.hub import resolve_hf_model_dir, resolve_open_clip_weights
+from pmmcache.encoders.hub import read_hf_config, resolve_hf_model_dir, resolve_open_clip_weights
 from pmmcache.encoders.text import architecture_of, fingerprint_tensors
 from pmmcache.errors import ConfigError, PmmcacheError
 
@@ -440,9 +440,9 @@ class ClipVisionEncoder(VisionEncoder):
     @classmethod
     def from_dir(cls, spec: VisionEncoderSpec, model_dir: Path) -> "ClipVisionEncoder":
         """Load a CLIPVisionModel or the vision tower of a CLIPModel from a local checkpoint dir."""
-        from transformers import AutoConfig, CLIPModel, CLIPVisionModel
+        from transformers import CLIPModel, CLIPVisionModel
 
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        config = read_hf_config(model_dir, "vision encoder")
         if config.model_type not in ("clip", "clip_vision_model"):
             raise PmmcacheError(
                 f"vision encoder dir {model_dir} holds a {config.model_type!r} model; expected a transformers "

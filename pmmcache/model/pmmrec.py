@@ -165,8 +165,6 @@ class PMMRec(nn.Module):
         (a single-modality model loading its tower from a multimodal run). strict=False: matching keys are loaded and the disagreements are
         returned for the caller to judge. A shape mismatch is always an error, also raised first.
         """
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         loaded: dict[str, tuple[nn.Module, dict[str, Tensor], PartReport]] = {}
         for name in parts:  # read and check every part first, so a bad one leaves the model untouched
@@ -174,7 +172,7 @@ class PMMRec(nn.Module):
             path = directory / f"{name}.safetensors"
             if not path.is_file():
                 raise PmmcacheError(f"{path}: no saved {name} in {directory}")
-            tensors = load_file(str(path))
+            tensors = read_tensors(path)
             own = module.state_dict()
             expected = set(own)
             wrong_shape = [f"{key} {tuple(tensors[key].shape)} vs {tuple(own[key].shape)}"
@@ -192,6 +190,18 @@ class PMMRec(nn.Module):
         return {name: report for name, (_, _, report) in loaded.items()}
 
 
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; a damaged or foreign file is a PmmcacheError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise PmmcacheError(f"{path}: not a readable safetensors file ({err}); it is damaged or was not written "
+                            "by pmmcache") from err
+
+
 def _preview(keys: list[str], limit: int = 5) -> str:
     if not keys:
         return "none"
@@ -204,12 +214,18 @@ def read_parts_config(directory: str | Path) -> tuple[PMMRecConfig, dict[str, An
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise PmmcacheError(f"{path}: not found; is {directory} a directory written by save_parts?")
-    record = json.loads(path.read_text())
-    if record.get("kind") != CHECKPOINT_KIND:
-        raise PmmcacheError(f"{path}: kind {record.get('kind')!r}, expected {CHECKPOINT_KIND!r}")
-    config = record["config"]
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as err:  # also a UnicodeDecodeError
+        raise PmmcacheError(f"{path}: not readable as JSON ({err}); the model parts' record is damaged") from err
+    if not isinstance(record, dict) or record.get("kind") != CHECKPOINT_KIND:
+        kind = record.get("kind") if isinstance(record, dict) else None
+        raise PmmcacheError(f"{path}: kind {kind!r}, expected {CHECKPOINT_KIND!r}")
+    config = record.get("config")
+    if not isinstance(config, dict):
+        raise PmmcacheError(f"{path}: its 'config' is not a table of model settings")
     tower = config.get("item_tower")
-    if tower is not None:  # settings added since: what a model saved before them computed
+    if isinstance(tower, dict):  # settings added since: what a model saved before them computed
         tower = {"projection": "linear", "modality_vector": "cls" if tower.get("pooling", "cls") == "cls" else "mean",
                  **tower}
         config = {**config, "item_tower": tower}
