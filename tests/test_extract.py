@@ -4,6 +4,7 @@ fails fast on a missing model."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -22,11 +24,13 @@ import pytest
 import torch
 from PIL import Image
 
+import pmmcache
 from pmmcache import cache as cache_io
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, VisionEncoderSpec
 from pmmcache.errors import CacheMismatchError, DataError, PmmcacheError
 from pmmcache.extract import ExtractConfig, encoder_specs, run
+from pmmcache.items import find_cache
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import save_tiny_bert, save_tiny_hf_clip_vision  # noqa: E402
@@ -210,6 +214,10 @@ def test_cache_holds_the_lower_block_states_of_every_item_in_dataset_order(basel
     assert manifest["image"]["preprocessing"] == vision.preprocessing_description()
     assert manifest["image"]["preprocessing"]["size"] == IMAGE_SIZE
     assert manifest["extract"]["max_text_length"] == MAX_LEN
+    # The pmmcache that made it: the installed distribution's version, which is pyproject.toml's.
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert manifest["created_by"]["pmmcache"] == pmmcache.__version__ == importlib.metadata.version("pmmcache") \
+        == pyproject
     report = json.loads(baseline.path.with_suffix(".report.json").read_text())
     assert report["items"] == NUM_ITEMS and report["item_problems"] == {}
 
@@ -561,7 +569,7 @@ def test_int8_cache_is_half_the_size_reads_as_the_float16_one_and_resumes(baseli
                                                                             monkeypatch):
     config = toy_config(toy_data, tmp_path / "cache", bert_dir, cache_dtype="int8")
     result = run(config, show_progress=False)
-    assert result.path.name == baseline.path.name  # same encoders, same file name; the dtype is in the manifest
+    assert result.path.name == baseline.path.stem + "+int8.h5"  # beside the float16 cache of the same encoders
     with h5py.File(result.path, "r") as f:
         assert f["text/states"].dtype == np.int8 and f["image/states"].dtype == np.int8
         assert f["text/scale"].shape == f["text/mask"].shape and f["image/scale"].dtype == np.float16
@@ -581,9 +589,16 @@ def test_int8_cache_is_half_the_size_reads_as_the_float16_one_and_resumes(baseli
     assert torch.equal(got.text_mask, want.text_mask) and torch.equal(got.modality, want.modality)
     # Stage 2 compares the encoders only: a model of the float16 cache's encoders reads the int8 cache.
     cache_io.check_manifest(result.path, {name: fp16.manifest[name] for name in ("text", "image")})
-    # Re-extracting with the other dtype is a settings change: refused until forced.
-    with pytest.raises(CacheMismatchError, match="storage_dtype"):
-        run(toy_config(toy_data, tmp_path / "cache", bert_dir), show_progress=False)
+    # Stage 2 finds the int8 cache when it is the only one of these encoders.
+    text, vision = encoder_specs(config)
+    encoders = (TextEncoder.load(text), VisionEncoder.load(vision))
+    assert find_cache(tmp_path / "cache", NAME, *encoders) == result.path
+    # The float16 cache of the same encoders is another file: extracting it leaves the int8 one alone.
+    int8_bytes = file_digest(result.path)
+    fp16_result = run(toy_config(toy_data, tmp_path / "cache", bert_dir), show_progress=False)
+    assert fp16_result.path.name == baseline.path.name and not fp16_result.already_complete
+    assert file_digest(result.path) == int8_bytes and cache_io.is_complete(result.path)
+    assert find_cache(tmp_path / "cache", NAME, *encoders) == fp16_result.path  # the named one first
 
     # Resume: forget the last rows and completeness; a rerun encodes only those rows, to the same values.
     before = all_rows(result.path)
@@ -598,3 +613,21 @@ def test_int8_cache_is_half_the_size_reads_as_the_float16_one_and_resumes(baseli
     for name in before:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
     assert cache_io.is_complete(result.path)
+
+
+def test_a_vision_seed_other_than_0_gets_its_own_cache_file(baseline, toy_data, bert_dir, tmp_path):
+    """Seeds 0 and 1 of a random vision init give other states: two files, neither refused nor overwritten."""
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(baseline.path.parent.parent, cache_dir)
+    seeded = run(toy_config(toy_data, cache_dir, bert_dir, seed=1), show_progress=False)
+    assert seeded.path.name == baseline.path.name.replace(f"-{IMAGE_SIZE}.h5", f"-{IMAGE_SIZE}-seed1.h5")
+    assert not seeded.already_complete and seeded.items == NUM_ITEMS
+    seed0 = cache_dir / NAME / baseline.path.name
+    assert file_digest(seed0) == file_digest(baseline.path)  # the seed-0 cache is untouched
+    again = run(toy_config(toy_data, cache_dir, bert_dir), show_progress=False)
+    assert again.path == seed0 and again.already_complete
+    assert cache_io.read_manifest(seeded.path)["image"]["lower_fingerprint"] != \
+        cache_io.read_manifest(seed0)["image"]["lower_fingerprint"]
+    # Stage 2 with the same seed finds its file by name.
+    text, vision = encoder_specs(toy_config(toy_data, cache_dir, bert_dir, seed=1))
+    assert find_cache(cache_dir, NAME, TextEncoder.load(text), VisionEncoder.load(vision)) == seeded.path
