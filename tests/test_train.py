@@ -173,6 +173,7 @@ def test_pretrain_run_writes_config_metrics_checkpoint_best_and_eval(pretrained)
         assert record["train_loss"] == pytest.approx(sum(losses.values()), rel=1e-5)  # all weights 1
         assert all(0.0 <= record[f"valid_{m}"] <= 1.0 for m in METRICS), record
         assert record["valid_users"] == NUM_ITEMS
+        assert record["lr"] == config.lr  # no warmup
         for name in LOSSES:  # every active objective pulls on the parts it reaches (a dead one shows as 0)
             for part in ("item_tower", "user_encoder"):
                 norm = record[f"grad_{name}_{part}"]
@@ -481,19 +482,25 @@ def test_cache_made_by_other_encoder_weights_is_refused(toy, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
                     reason="`accelerate launch --multi_gpu --num_processes 2` on a one-GPU machine; runs on CPU")
 def test_two_processes_under_accelerate_launch_train_one_run_and_evaluate_like_one(toy, tmp_path):
+    """One run, reported once; warmup counts optimizer steps (not steps x processes); the gathered
+    evaluation equals one process's."""
     runs = tmp_path / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "-m", "pmmcache",
-               *train_cli_args(toy, runs, "ddp", epochs=2)]
+               *train_cli_args(toy, runs, "ddp", epochs=2), "--warmup-steps", "8"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [p.name for p in runs.iterdir()] == ["ddp"]
     run_dir = runs / "ddp"
     assert done.stdout.count("best epoch") == 1  # only the main process reports
-    assert [r["epoch"] for r in read_history(run_dir)] == [1, 2]
+    history = read_history(run_dir)
+    assert [r["epoch"] for r in history] == [1, 2]
+    # STEPS optimizer steps per epoch: after n of them the warmup factor is (n + 1) / 8.
+    lr = TrainConfig().lr
+    assert [r["lr"] for r in history] == pytest.approx([lr * (STEPS + 1) / 8, lr * (2 * STEPS + 1) / 8])
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
 
     record = json.loads((run_dir / "eval.json").read_text())

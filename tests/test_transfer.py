@@ -184,6 +184,12 @@ def test_pretraining_without_dap_trains_the_other_objectives_and_finetuning_need
     s = train.setup(config, torch.device("cpu"))
     losses = step_losses(s.model, config.objectives, s.store, config.weights)
     assert set(losses) == {"nicl", "nid", "rcl"} and all(torch.isfinite(v) for v in losses.values())
+    # A whole run (step, gradient norms, evaluation, checkpoint) records the three and no DAP.
+    result = train.run(from_dict(TrainConfig, {**to_dict(config), "epochs": 1}), show_progress=False)
+    record = json.loads((result.run_dir / "metrics.jsonl").read_text())
+    assert {"train_nicl", "train_nid", "train_rcl"} <= set(record) and not any("dap" in key for key in record)
+    assert record["train_loss"] == pytest.approx(record["train_nicl"] + record["train_nid"] + record["train_rcl"],
+                                                 rel=1e-5)
     with pytest.raises(ConfigError, match="fine-tuning trains DAP alone"):
         train_config(toy, tmp_path, "no-dap", stage="finetune", objectives={"dap": 0.0})
     with pytest.raises(ConfigError, match="nothing to train"):
