@@ -3,8 +3,6 @@ paths return what the plain reads return. No timing is asserted."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -12,6 +10,9 @@ import torch
 
 from pmmcache import bench
 from pmmcache import cache as cache_io
+
+from helpers.tiny_models import save_tiny_bert
+from helpers.toy import NAME, NUM_ITEMS, make_toy
 
 ITEMS, TOKENS, DIM = 256, 20, 32  # 10 text + 10 image tokens per item; big enough that no figure rounds to 0
 
@@ -115,9 +116,6 @@ def test_cyclic_store_maps_a_large_catalogue_onto_the_cache_rows(tmp_path):
 
 
 def test_extract_bench_compares_end_to_end_with_encoding_alone(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_extract import NAME, make_toy
-    from tiny_models import save_tiny_bert
 
     make_toy(tmp_path / "data")
     result = bench.run_extract_bench(dataset=NAME, items=64, tokens=8, dim=16, batch_items=16, repeats=1,
@@ -125,7 +123,7 @@ def test_extract_bench_compares_end_to_end_with_encoding_alone(tmp_path):
                                      vision_encoder="pmmcache-tiny-vit", vision_weights="random", image_size=64,
                                      max_text_length=16, num_workers=0, batch_size=8)
     extraction = result["extraction"]
-    assert extraction["items"] == 40 and extraction["items_per_s"] > 0
-    assert extraction["encode_only"]["items"] == 40 and extraction["encode_only"]["items_per_s"] > 0
+    assert extraction["items"] == NUM_ITEMS and extraction["items_per_s"] > 0
+    assert extraction["encode_only"]["items"] == NUM_ITEMS and extraction["encode_only"]["items_per_s"] > 0
     assert extraction["end_to_end_vs_encode_only"] > 0
     assert {"memmap_int8", "ram_int8"} <= set(result["reader"]["ms_per_batch"]) and result["host_peak_rss_mb"] > 0

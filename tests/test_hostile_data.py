@@ -33,9 +33,8 @@ from pmmcache.extract import run as extract
 from pmmcache.items import ItemStore
 from pmmcache.locks import exclusive_lock
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_extract import record_written_rows, rewrite_line  # noqa: E402
-from tiny_models import save_tiny_bert  # noqa: E402
+from helpers.extraction import record_written_rows, rewrite_line
+from helpers.tiny_models import save_tiny_bert
 
 NAME = "tiny"
 ITEMS = 10

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -28,16 +27,14 @@ from pmmcache.errors import PmmcacheError
 from pmmcache.evaluate import item_table, load_run
 from pmmcache.recommend import AddItemsConfig, Recommender, add_items, read_registry
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import NAME, NUM_ITEMS, build_toy, train_config  # noqa: E402
+from helpers.toy import NAME, NUM_ITEMS, train_config
 
 HISTORY = ["toy/i0", "toy/i5", "toy/i10"]  # a toy user's first items (u0: i0 i5 i10 ...)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(toy, tmp_path_factory):
     root = tmp_path_factory.mktemp("recommend")
-    toy = build_toy(root)
     run_dir = train.run(train_config(toy, root / "runs", "finetune", stage="finetune", epochs=1),
                         show_progress=False).run_dir
     return toy, run_dir

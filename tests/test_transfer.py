@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,7 @@ from pmmcache.extract import run as extract
 from pmmcache.objectives import catalogue_dap_loss
 from pmmcache.train import ObjectiveConfig, TrainConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import Toy, build_toy, extract_config, train_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Toy:
-    return build_toy(tmp_path_factory.mktemp("toy"))
+from helpers.toy import Toy, extract_config, train_config
 
 
 @pytest.fixture(scope="module")
