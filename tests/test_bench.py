@@ -80,7 +80,7 @@ TINY = ["--dim", "16", "--blocks", "2", "--top-blocks", "1", "--heads", "2", "--
 
 
 def test_step_bench_times_every_variant_side_by_side(tmp_path):
-    result = invoke_json(["bench", "step", "--users", "4", "--positions", "5", "--steps", "1", "--rounds", "1", "--warmup", "0",
+    result = invoke_json(["bench", "step", "--batch-size", "4", "--positions", "5", "--steps", "1", "--rounds", "1", "--warmup", "0",
                           "--catalogue", "30", *TINY], tmp_path)
     variants = {"end_to_end", "cached_memmap_plain", "cached_memmap_prefetch", "cached_ram_plain",
                 "cached_ram_prefetch", "compute_only"}
@@ -94,7 +94,7 @@ def test_step_bench_times_every_variant_side_by_side(tmp_path):
 
 
 def test_eval_bench_reports_item_table_scoring_and_total_seconds(tmp_path):
-    result = invoke_json(["bench", "eval", "--items", "50", "--users", "40", "--cache-rows", "7",
+    result = invoke_json(["bench", "eval", "--catalogue", "50", "--users", "40", "--cache-rows", "7",
                           "--item-batch-size", "16", "--score-batch-size", "16", *TINY], tmp_path)
     assert (result["items"], result["users"], result["cache_rows"]) == (50, 40, 7)
     assert set(result["seconds"]) == {"item_table", "user_vectors", "scores_and_ranks", "total"}
