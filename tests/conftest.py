@@ -31,3 +31,17 @@ def demo_data_dir(tmp_path_factory) -> Path:
     data_dir = tmp_path_factory.mktemp("demo-data")
     generate_demo(data_dir / "demo")
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def demo_cache_dir(demo_data_dir, tmp_path_factory) -> Path:
+    """The demo extracted as `pmmcache demo` extracts it (text and image, top block trained), once.
+
+    Stage 2 only reads the cache (and adds prepared datasets beside it, the same for every test)."""
+    from pmmcache import extract
+    from pmmcache.demo_job import DemoJobConfig
+
+    cache_dir = tmp_path_factory.mktemp("demo-cache")
+    extract.run(extract.ExtractConfig(dataset="demo", data_dir=demo_data_dir, cache_dir=cache_dir,
+                                      top_blocks=DemoJobConfig().top_blocks), show_progress=False)
+    return cache_dir
