@@ -459,7 +459,7 @@ def _encode(batch: ItemBatch, text: TextEncoder | None, vision: VisionEncoder | 
         modality[:, 1] = (flags & (cache_io.FLAG_IMAGE_MISSING | cache_io.FLAG_IMAGE_UNREADABLE)) == 0
     padding = batch.rows == 0
     if padding.any():  # row 0 is the padding item: all zeros, no modality, no problem flags
-        for name, values in out.items():
+        for values in out.values():
             values[padding] = 0
     return out
 

@@ -234,7 +234,7 @@ def test_an_error_in_a_dataloader_worker_is_one_message_without_the_workers_trac
                  "--text-encoder", toy.bert_dir, "--vision-encoder", "pmmcache-tiny-vit", "--vision-weights", "random",
                  "-k", "1", "--image-size", "64", "--max-text-length", "16", "--batch-size", "8",
                  "--num-workers", "2", "--device", "cpu")
-    err = assert_clean_error(result, str(root / "lm.lmdb"), "the value for 'i30' is a Python pickle")
+    assert_clean_error(result, str(root / "lm.lmdb"), "the value for 'i30' is a Python pickle")
     assert "DataLoader worker" not in result.stderr
 
 
