@@ -463,10 +463,10 @@ def test_train_cli_passes_every_encoder_option_into_the_encoders_table(monkeypat
     seen = []
     monkeypatch.setattr(train, "run", lambda config: seen.append(config))
     args = ["train", "--text-encoder", "/m/text", "--vision-encoder", "pmmcache-tiny-vit", "--vision-weights", "random",
-            "-k", "1", "--max-text-length", "32", "--image-size", "64", "--epochs", "2"]
+            "-k", "1", "--max-text-length", "32", "--image-size", "64", "--encoder-seed", "3", "--epochs", "2"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     enc = seen[0].encoders
     assert (enc.text_encoder, enc.vision_encoder, enc.vision_weights, enc.top_blocks, enc.max_text_length,
-            enc.image_size) == ("/m/text", "pmmcache-tiny-vit", "random", 1, 32, 64)
+            enc.image_size, enc.seed) == ("/m/text", "pmmcache-tiny-vit", "random", 1, 32, 64, 3)
     assert seen[0].epochs == 2

@@ -262,14 +262,12 @@ def test_morec_plus_plus_fuses_pooled_modalities_with_one_linear_layer(toy, tmp_
     assert train.run(config, show_progress=False).metrics["test"]["users"] == 39
 
 
-def test_training_windows_make_every_training_item_a_target(toy, tmp_path, monkeypatch):
-    sizes = []
-    real = train.epoch_batches
-    monkeypatch.setattr(train, "epoch_batches", lambda n, *a, **k: sizes.append(n) or real(n, *a, **k))
-    train.run(train_config(toy, tmp_path, "windows", train_windows="all", max_len=3, epochs=1,
-                           model={"item_tower": {"d_model": 32, "fusion_heads": 2},
-                                  "user_encoder": {"d_model": 32, "max_len": 4}}), show_progress=False)
-    assert sizes == [39 * 2]  # 6 training items per user: windows of 4 items, overlapping by one
+def test_training_windows_make_every_training_item_a_target(toy, tmp_path):
+    config = train_config(toy, tmp_path, "windows", train_windows="all", max_len=3, epochs=1,
+                          model={"item_tower": {"d_model": 32, "fusion_heads": 2},
+                                 "user_encoder": {"d_model": 32, "max_len": 4}})
+    sequences, _ = train.training_sequences(train.setup(config, torch.device("cpu")).dataset, config)
+    assert len(sequences) == 39 * 2  # 6 training items per user: windows of 4 items, overlapping by one
 
 
 @pytest.mark.parametrize("args, check", [
