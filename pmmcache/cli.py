@@ -101,8 +101,9 @@ class ConfigOption(click.Option):
     def get_help_extra(self, ctx: click.Context) -> Any:
         extra = super().get_help_extra(ctx)
         extra.pop("default", None)
-        if self.shown_default():
-            extra["default"] = self.shown_default()
+        shown = self.shown_default()
+        if shown:
+            extra["default"] = shown
         return extra
 
 
@@ -139,7 +140,8 @@ HELP = {
     "work_dir": "Scratch directory.  [default: a temporary one]",
     "output_json": "Also write the JSON here.",
     "config": "TOML, YAML or JSON file of settings: the config's fields, as --set names them.",
-    "set": "Override any setting, KEY=VALUE, dotted for nested tables, e.g. --set data.min_core=3; repeatable.",
+    "set": "Override one setting of the verb's config, KEY=VALUE, dotted into nested tables (e.g. train's "
+           "data.min_core=3); repeatable.",
 }
 
 
