@@ -13,12 +13,12 @@ pmmcache() { "$PY" -m pmmcache "$@"; }
 { nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null || echo "no GPU: CPU run"; git rev-parse HEAD 2>/dev/null; } | tee "$OUT/gpu.txt"
 W=$(mktemp -d)
 # Sizes: full on the GPU; SMOKE=1 shrinks everything so the script can be tried on a CPU.
-TEXT_SHAPE="768 12 12"; STEP=(); EVAL=(--items 100000 --users 100000); EXTRACT=(--vision-encoder ViT-B-32 --dtype bfloat16 --batch-size 256 --num-workers 8)
+TEXT_SHAPE="768 12 12"; STEP=(); EVAL=(--catalogue 100000 --users 100000); EXTRACT=(--vision-encoder ViT-B-32 --dtype bfloat16 --batch-size 256 --num-workers 8)
 if [ -n "${SMOKE:-}" ]; then
   TEXT_SHAPE="32 2 4"; TINY=(--dim 16 --blocks 2 --heads 2 --text-tokens 8 --image-size 64)
-  STEP=("${TINY[@]}" --users 4 --positions 5 --steps 1 --rounds 1 --catalogue 50)
-  EVAL=("${TINY[@]}" --items 300 --users 200 --cache-rows 50)
-  EXTRACT=(--vision-encoder pmmcache-tiny-vit --image-size 64 --num-workers 0 --items 200 --dim 32 --tokens 8 --batch-items 32)
+  STEP=("${TINY[@]}" --batch-size 4 --positions 5 --steps 1 --rounds 1 --catalogue 50)
+  EVAL=("${TINY[@]}" --catalogue 300 --users 200 --cache-rows 50)
+  EXTRACT=(--vision-encoder pmmcache-tiny-vit --image-size 64 --num-workers 0 --catalogue 200 --dim 32 --tokens 8 --batch-items 32)
 fi
 # A random XLM-R-shaped text encoder saved locally (no hub access there): d, blocks, heads.
 $PY - "$W/xlmr-random" $TEXT_SHAPE <<'PY'

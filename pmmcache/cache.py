@@ -17,7 +17,7 @@ Layout of `cache/<dataset>/<key>.h5` (row i = item index i of the prepared datas
     /complete         (1,)          uint8: every row done and the report written
     attrs: format_version, manifest (JSON)
 
-Why this shape (DESIGN.md): h5py fancy indexing on chunked data is ~100x too slow to feed training, so
+Why this shape: h5py fancy indexing on chunked data is ~100x too slow to feed training, so
 every dataset is contiguous, allocated when the file is created, and then written and read through
 `np.memmap` at the dataset's byte offset. After creation no HDF5 metadata is ever modified, so a
 process killed at any moment leaves a readable file; a row counts only once its `done` byte is set,

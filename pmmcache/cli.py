@@ -6,6 +6,8 @@ import os
 # Before transformers/huggingface_hub import: a hub call without this retries for ~46 s offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import dataclasses  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -51,6 +53,104 @@ def set_dotted(data: dict[str, Any], setting: str) -> None:
     node[parts[-1]] = value
 
 
+def config_default(config: str, field: str) -> Any:
+    """The default of `field` (dotted for nested tables, e.g. encoders.top_blocks) of the config dataclass
+    `config` ("module:Class"), read from the dataclass fields."""
+    module, _, name = config.partition(":")
+    value: Any = getattr(importlib.import_module(module), name)
+    for part in field.split("."):
+        if not isinstance(value, type):  # a nested config's default instance
+            value = getattr(value, part)
+            continue
+        spec = {f.name: f for f in dataclasses.fields(value)}[part]
+        if spec.default is not dataclasses.MISSING:
+            value = spec.default
+        elif spec.default_factory is not dataclasses.MISSING:
+            value = spec.default_factory()
+        else:
+            raise KeyError(f"{config}.{field} has no default")
+    return value
+
+
+def default_text(value: Any) -> str:
+    """How --help shows a config default: lists comma-joined, as the option takes them; False flags: nothing."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if value is False or value is None:
+        return ""
+    return str(value)
+
+
+class ConfigOption(click.Option):
+    """An option that sets a field of a stage's config dataclass.
+
+    Its click default stays None, so a --config file's value stands unless the option is given; --help
+    shows the dataclass field's default (or `none_means` for a None default that a stage fills in),
+    read when the help is rendered, so the stage's module is imported only then."""
+
+    def __init__(self, *decls: str, config: str, field: str | None = None, none_means: str = "", **kwargs: Any):
+        super().__init__(*decls, **kwargs)
+        self.config = config
+        self.field = field or self.name
+        self.none_means = none_means
+
+    def shown_default(self) -> str:
+        value = config_default(self.config, self.field)
+        return self.none_means if value is None else default_text(value)
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        extra = super().get_help_extra(ctx)
+        extra.pop("default", None)
+        shown = self.shown_default()
+        if shown:
+            extra["default"] = shown
+        return extra
+
+
+def config_option(config: str, *decls: str, field: str | None = None, none_means: str = "", **kwargs: Any) -> Any:
+    """click.option for a field of `config` ("module:Class"); see ConfigOption."""
+    return click.option(*decls, cls=ConfigOption, config=config, field=field, none_means=none_means, **kwargs)
+
+
+EXTRACT = "pmmcache.extract:ExtractConfig"
+TRAIN = "pmmcache.train:TrainConfig"
+PREPARE = "pmmcache.data.prepare:PrepareConfig"
+RECOMMEND = "pmmcache.recommend:RecommendConfig"
+ADD_ITEMS = "pmmcache.recommend:AddItemsConfig"
+EXPORT = "pmmcache.recommend:ExportConfig"
+DEMO = "pmmcache.demo_job:DemoJobConfig"
+
+# One help text per flag name, for the flags several verbs share (tests/test_cli.py holds every verb to it).
+HELP = {
+    "dataset": "Dataset name(s), comma-separated; 'demo' is the embedded one, 'ml-100k' MovieLens-100k.",
+    "data_dir": "Raw datasets root.",
+    "cache_dir": "Feature cache root.",
+    "runs_dir": "Root of the run directories.",
+    "device": "cpu, cuda, cuda:N or auto (CUDA when there is one; under `accelerate launch` the process's own).",
+    "batch_size": "Items per encoder batch.",
+    "num_workers": "Loader processes decoding images (per extraction process).",
+    "stage": "pretrain: DAP+NICL+NID+RCL; finetune: DAP only.",
+    "top_blocks": "Top encoder blocks trained in stage 2 (k); the cache holds the input of block n-k.",
+    "image_size": "Image side in pixels.",
+    "dtype": "Compute dtype of the lower blocks (storage: see --cache-dtype).",
+    "cache_dtype": "How states are stored: float16, or int8 with a float16 scale per token (half the size; "
+                   "dequantised on read).",
+    "catalogue": "Items in the synthetic catalogue.",
+    "dim": "Hidden size d.",
+    "work_dir": "Scratch directory.  [default: a temporary one]",
+    "output_json": "Also write the JSON here.",
+    "config": "TOML, YAML or JSON file of settings: the config's fields, as --set names them.",
+    "set": "Override one setting of the verb's config, KEY=VALUE, dotted into nested tables (e.g. train's "
+           "data.min_core=3); repeatable.",
+}
+
+
+def config_file_options(command: Any) -> Any:
+    """--set and --config, for every verb that builds a config."""
+    command = click.option("--config", "config_file", type=click.Path(dir_okay=False), help=HELP["config"])(command)
+    return click.option("--set", "settings", multiple=True, help=HELP["set"])(command)
+
+
 class FriendlyGroup(click.Group):
     """Turns user-fixable errors into one clear line and a non-zero exit, without a traceback."""
 
@@ -89,18 +189,52 @@ def main() -> None:
     """
 
 
-ENCODER_OPTIONS = ("text_encoder", "vision_encoder", "vision_weights", "top_blocks", "max_text_length", "image_size")
+# Encoder options (click name -> config field) that `extract` and `train` share (train's must match the cache's).
+ENCODER_OPTIONS = {"text_encoder": "text_encoder", "vision_encoder": "vision_encoder",
+                   "vision_weights": "vision_weights", "top_blocks": "top_blocks",
+                   "max_text_length": "max_text_length", "image_size": "image_size", "encoder_seed": "seed"}
 
 
-def encoder_options(command: Any) -> Any:
-    """The encoder options `extract` and `train` share (train's must match the cache's)."""
+def encoder_options(config: str, prefix: str = "", seed: bool = True) -> Any:
+    """The encoder options of `config`, whose encoder fields sit under `prefix` (train: "encoders.")."""
+
+    def field(name: str) -> str:
+        return prefix + ENCODER_OPTIONS[name]
+
     options = [
-        click.option("--text-encoder", help="Transformers model id or local dir.  [default: xlm-roberta-base; demo: packaged all-MiniLM-L6-v2]"),
-        click.option("--vision-encoder", help="open_clip architecture (ViT-B-32), a local transformers CLIP dir, or pmmcache-tiny-vit.  [default: ViT-B-32; demo: pmmcache-tiny-vit]"),
-        click.option("--vision-weights", help="open_clip pretrained tag (openai), 'random', or a weights file.  [default: openai; demo: random]"),
-        click.option("-k", "--top-blocks", type=int, help="Top encoder blocks trained in stage 2; the cache holds the input of block n-k.  [default: 2]"),
-        click.option("--max-text-length", type=int, help="Tokens per text including CLS.  [default: 50]"),
-        click.option("--image-size", type=int, help="Image side in pixels.  [default: 224]"),
+        config_option(config, "--text-encoder", field=field("text_encoder"),
+                      none_means="the dataset's: xlm-roberta-base; demo: packaged all-MiniLM-L6-v2",
+                      help="Transformers model id or local dir."),
+        config_option(config, "--vision-encoder", field=field("vision_encoder"),
+                      none_means="the dataset's: ViT-B-32; demo: pmmcache-tiny-vit",
+                      help="open_clip architecture (ViT-B-32), a local transformers CLIP dir, or pmmcache-tiny-vit."),
+        config_option(config, "--vision-weights", field=field("vision_weights"),
+                      none_means="the dataset's: openai; demo: random",
+                      help="open_clip pretrained tag (openai), 'random', or a weights file."),
+        config_option(config, "-k", "--top-blocks", field=field("top_blocks"), type=int, help=HELP["top_blocks"]),
+        config_option(config, "--max-text-length", field=field("max_text_length"), type=int,
+                      help="Tokens per text including CLS."),
+        config_option(config, "--image-size", field=field("image_size"), type=int, help=HELP["image_size"]),
+    ]
+    if seed:
+        options.append(config_option(config, "--encoder-seed", field=field("encoder_seed"), type=int,
+                                     help="Seed of randomly initialised encoders (--vision-weights random)."))
+
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def extraction_options(command: Any) -> Any:
+    """How `extract` (and `bench extract`) encode: batch, loaders, compute and storage dtype."""
+    options = [
+        config_option(EXTRACT, "--batch-size", type=int, help=HELP["batch_size"]),
+        config_option(EXTRACT, "--num-workers", type=int, help=HELP["num_workers"]),
+        config_option(EXTRACT, "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help=HELP["dtype"]),
+        config_option(EXTRACT, "--cache-dtype", type=click.Choice(["float16", "int8"]), help=HELP["cache_dtype"]),
     ]
     for option in reversed(options):
         command = option(command)
@@ -108,20 +242,15 @@ def encoder_options(command: Any) -> Any:
 
 
 @main.command()
-@click.option("--dataset", help="Dataset name(s), comma-separated; 'demo' is the embedded default.  [default: demo]")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Raw datasets root.  [default: data]")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache root.  [default: cache]")
-@encoder_options
-@click.option("--modalities", help="Which modalities to extract: text,image | text | image.  [default: text,image]")
-@click.option("--batch-size", type=int, help="Items per encoder batch.  [default: 64]")
-@click.option("--num-workers", type=int, help="Loader processes decoding images per extraction process.  [default: 2]")
-@click.option("--device", help="cpu, cuda, cuda:1 or auto (the accelerate process's device).  [default: auto]")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute dtype of the lower blocks (storage: see --cache-dtype).  [default: float32]")
-@click.option("--cache-dtype", type=click.Choice(["float16", "int8"]), help="How states are stored: float16, or int8 with a float16 scale per token (half the size; dequantised on read).  [default: float16]")
-@click.option("--seed", type=int, help="Seed of randomly initialised encoders.  [default: 0]")
-@click.option("--force", is_flag=True, default=None, help="Rebuild a cache that was made with other settings.")
-@click.option("--set", "settings", multiple=True, help="Override any setting, e.g. --set data.min_core=3 (as for train).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML/YAML/JSON file of these settings.")
+@config_option(EXTRACT, "--dataset", help=HELP["dataset"])
+@config_option(EXTRACT, "--data-dir", type=click.Path(file_okay=False), help=HELP["data_dir"])
+@config_option(EXTRACT, "--cache-dir", type=click.Path(file_okay=False), help=HELP["cache_dir"])
+@encoder_options(EXTRACT)
+@config_option(EXTRACT, "--modalities", help="Which modalities to extract: text,image | text | image.")
+@extraction_options
+@config_option(EXTRACT, "--device", help=HELP["device"])
+@config_option(EXTRACT, "--force", is_flag=True, default=None, help="Rebuild a cache that was made with other settings.")
+@config_file_options
 def extract(config_file: str | None, settings: tuple[str, ...], **options: Any) -> None:
     """Stage 1: encode every item's text and image with the frozen lower encoder blocks into an HDF5 cache.
 
@@ -131,6 +260,7 @@ def extract(config_file: str | None, settings: tuple[str, ...], **options: Any) 
     from pmmcache import extract as stage
 
     _quiet_libraries()
+    options["seed"] = options.pop("encoder_seed")
     stage.run(build_config(stage.ExtractConfig, config_file, options, settings))
 
 
@@ -146,50 +276,68 @@ def verify_cache(paths: tuple[str, ...], reencode: bool) -> None:
 
 
 @main.command()
-@click.option("--dataset", default="demo", show_default=True, help="Dataset name(s), comma-separated.")
-@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False))
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
-@click.option("--min-core", type=int, help="k-core filtering threshold.  [default: 5]")
-@click.option("--max-history", type=int, help="History items kept before each target.  [default: 20]")
-@click.option("--truncate", is_flag=True, default=None, help="Store only each user's last max-history + 1 items (released code).  [default: whole sequences]")
-def prepare(dataset: str, data_dir: str, cache_dir: str, **options: Any) -> None:
+@config_option(EXTRACT, "--dataset", help=HELP["dataset"])  # where extract and train look: the same defaults
+@config_option(EXTRACT, "--data-dir", type=click.Path(file_okay=False), help=HELP["data_dir"])
+@config_option(EXTRACT, "--cache-dir", type=click.Path(file_okay=False), help=HELP["cache_dir"])
+@config_option(PREPARE, "--min-core", type=int, help="k-core filtering threshold (0 = none).")
+@config_option(PREPARE, "--max-history", type=int, help="History items kept before each target.")
+@config_option(PREPARE, "--truncate", is_flag=True, default=None,
+               help="Store only each user's last max-history + 1 items (released code); without it, whole sequences.")
+@config_file_options
+def prepare(dataset: str | None, data_dir: str | None, cache_dir: str | None, config_file: str | None,
+            settings: tuple[str, ...], **options: Any) -> None:
     """Read a raw dataset, filter, split and index it; print its statistics.
 
-    The same settings reach extract and train as `--set data.min_core=3` (etc.)."""
+    The same settings reach extract and train as `--set data.min_core=3` (etc.); --config and --set
+    here take those PrepareConfig fields (min_core=3, not data.min_core=3)."""
     from pmmcache.data.prepare import PrepareConfig
     from pmmcache.data.registry import resolve_dataset
+    from pmmcache.extract import ExtractConfig
 
-    config = from_dict(PrepareConfig, {k: v for k, v in options.items() if v is not None})
+    config = build_config(PrepareConfig, config_file, options, settings)
+    where = ExtractConfig()
+    dataset, data_dir, cache_dir = (dataset or where.dataset, data_dir or str(where.data_dir),
+                                    cache_dir or str(where.cache_dir))
     prepared = resolve_dataset(dataset, Path(data_dir), Path(cache_dir), config)
     click.echo(json.dumps(prepared.manifest(), indent=2))
 
 
 @main.command()
-@click.option("--stage", type=click.Choice(["pretrain", "finetune"]), help="pretrain: DAP+NICL+NID+RCL; finetune: DAP only.  [default: pretrain]")
-@click.option("--dataset", help="Dataset(s) to train on; comma-separated names are combined (multi-source pre-training), e.g. demo/kitchen,demo/garden.  [default: demo]")
-@click.option("--cache-dataset", help="Which extracted cache holds the items.  [default: the dataset's base name, e.g. demo]")
-@click.option("--init", help="Run (name or directory) whose model parts start this one, e.g. a pre-trained run for fine-tuning.")
-@click.option("--run-name", help="Run directory name under --runs-dir.  [default: <stage>-<dataset>]")
-@click.option("--runs-dir", type=click.Path(file_okay=False), help="[default: runs]")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="[default: data]")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="[default: cache]")
-@encoder_options
-@click.option("--transfer", type=click.Choice(["full", "item", "user"]), help="With --init, what it transfers (paper III-E): full = item towers + user encoder; item = item towers, user encoder fresh; user = user encoder, item towers from the original encoders.  [default: full]")
-@click.option("--modalities", type=click.Choice(["text", "image", "text,image"]), help="Item modalities: text or image alone is the single-modality setting (PMMRec-T / PMMRec-V); it needs only that modality's cache.  [default: the model's, or --init's]")
-@click.option("--ablation", type=click.Choice(["none", "no-nicl", "vcl-only", "icl-only", "no-nid", "no-rcl"]), help="A pre-training ablation of Table VIII.  [default: none]")
+@config_option(TRAIN, "--stage", type=click.Choice(["pretrain", "finetune"]), help=HELP["stage"])
+@config_option(TRAIN, "--dataset", help=HELP["dataset"] + " Several are combined (multi-source pre-training), "
+               "e.g. demo/kitchen,demo/garden.")
+@config_option(TRAIN, "--cache-dataset", none_means="the dataset's base name, e.g. demo",
+               help="Which extracted cache holds the items.")
+@config_option(TRAIN, "--init", help="Run (name or directory) whose model parts start this one, e.g. a pre-trained "
+               "run for fine-tuning.")
+@config_option(TRAIN, "--run-name", none_means="<stage>-<dataset>", help="Run directory name under --runs-dir.")
+@config_option(TRAIN, "--runs-dir", type=click.Path(file_okay=False), help=HELP["runs_dir"])
+@config_option(TRAIN, "--data-dir", type=click.Path(file_okay=False), help=HELP["data_dir"])
+@config_option(TRAIN, "--cache-dir", type=click.Path(file_okay=False), help=HELP["cache_dir"])
+@encoder_options(TRAIN, prefix="encoders.")
+@config_option(TRAIN, "--transfer", type=click.Choice(["full", "item", "user"]), help="With --init, what it transfers "
+               "(paper III-E): full = item towers + user encoder; item = item towers, user encoder fresh; user = user "
+               "encoder, item towers from the original encoders.")
+@config_option(TRAIN, "--modalities", type=click.Choice(["text", "image", "text,image"]), none_means="the model's, or "
+               "--init's", help="Item modalities: text or image alone is the single-modality setting (PMMRec-T / "
+               "PMMRec-V); it needs only that modality's cache.")
+@config_option(TRAIN, "--ablation", field="objectives.ablation",
+               type=click.Choice(["none", "no-nicl", "vcl-only", "icl-only", "no-nid", "no-rcl"]),
+               help="A pre-training ablation of Table VIII.")
 @click.option("--baseline", type=click.Choice(["sasrec", "morec++"]), help="Train a baseline in the same loop: sasrec = item-ID embeddings, CE over all items; morec++ = multimodal towers with late (concat) fusion, DAP only. Other options and --set still apply.")
-@click.option("--epochs", type=int, help="[default: 5]")
-@click.option("--batch-size", type=int, help="Users per process.  [default: 32]")
-@click.option("--lr", type=float, help="AdamW learning rate.  [default: 1e-4]")
-@click.option("--warmup-steps", type=int, help="Linear learning-rate warmup over this many optimizer steps.  [default: 0]")
-@click.option("--init-lr", type=float, help="With --init, learning rate of the transferred heads (projections, fusion, user encoder); 0 = --lr.  [default: 0]")
-@click.option("--grad-clip", type=float, help="Max gradient norm, 0 = off.  [default: 0]")
-@click.option("--mixed-precision", type=click.Choice(["auto", "no", "fp16", "bf16"]), help="[default: auto = bf16 on CUDA]")
-@click.option("--patience", type=int, help="Early stopping patience in epochs.  [default: 3]")
-@click.option("--seed", type=int, help="[default: 42]")
-@click.option("--resume", is_flag=True, default=None, help="Continue the run from its last finished epoch.")
-@click.option("--set", "settings", multiple=True, help="Override any setting, e.g. --set model.item_tower.d_model=256 --set objectives.nid=0.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML/YAML/JSON file of settings (TrainConfig fields).")
+@config_option(TRAIN, "--epochs", type=int, help="Training epochs (fewer with early stopping).")
+@config_option(TRAIN, "--batch-size", type=int, help="Users per process.")
+@config_option(TRAIN, "--lr", type=float, help="AdamW learning rate.")
+@config_option(TRAIN, "--warmup-steps", type=int, help="Linear learning-rate warmup over this many optimizer steps.")
+@config_option(TRAIN, "--init-lr", type=float, help="With --init, learning rate of the transferred heads "
+               "(projections, fusion, user encoder); 0 = --lr.")
+@config_option(TRAIN, "--grad-clip", type=float, help="Max gradient norm, 0 = off.")
+@config_option(TRAIN, "--mixed-precision", type=click.Choice(["auto", "no", "fp16", "bf16"]),
+               help="auto = bf16 on CUDA, no on CPU.")
+@config_option(TRAIN, "--patience", type=int, help="Early stopping patience in epochs.")
+@config_option(TRAIN, "--seed", type=int, help="Training seed (batch order, corruption, initialisation).")
+@config_option(TRAIN, "--resume", is_flag=True, default=None, help="Continue the run from its last finished epoch.")
+@config_file_options
 def train(config_file: str | None, settings: tuple[str, ...], **options: Any) -> None:
     """Stage 2: train top blocks + fusion + user encoder on cached states (pre-train or fine-tune).
 
@@ -199,7 +347,7 @@ def train(config_file: str | None, settings: tuple[str, ...], **options: Any) ->
     from pmmcache import train as stage
 
     _quiet_libraries()
-    options["encoders"] = {k: options.pop(k, None) for k in ENCODER_OPTIONS}
+    options["encoders"] = {field: options.pop(name, None) for name, field in ENCODER_OPTIONS.items()}
     if options.get("modalities"):
         options["modalities"] = options["modalities"].split(",")
     if options.get("ablation"):
@@ -211,7 +359,7 @@ def train(config_file: str | None, settings: tuple[str, ...], **options: Any) ->
 
 
 @main.command("eval")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="A run directory (runs/<run>).")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run directory (runs/<run>).")
 @click.option("--full-rank", is_flag=True, help="Valid and test split (leave-one-out), every item ranked for every user.  [default when no mode is given]")
 @click.option("--cold-start", is_flag=True, help="Every prefix of a user's sequence that ends with a cold item (paper IV-F2, Table VII).")
 @click.option("--cold-threshold", type=click.IntRange(min=1), default=10, show_default=True, help="Items with fewer training occurrences than this are cold.")
@@ -245,21 +393,24 @@ _RUN = click.option("--run", required=True, type=click.Path(file_okay=False, exi
 @main.command()
 @_RUN
 @click.option("--history", required=True, help="The user's items, oldest first, as keys separated by spaces, e.g. \"toys/toys_i0003 toys/toys_i0008\".")
-@click.option("-k", default=10, show_default=True, type=click.IntRange(min=1), help="How many items to recommend.")
-@click.option("--include-history", is_flag=True, help="Allow items of the history in the list (left out by default).")
+@config_option(RECOMMEND, "-n", "--top", "k", type=click.IntRange(min=1), help="How many items to recommend.")
+@config_option(RECOMMEND, "--include-history", is_flag=True, default=None,
+               help="Allow items of the history in the list (left out by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def recommend(run: str, history: str, k: int, include_history: bool, as_json: bool) -> None:
-    """Top-k item keys with scores for a history of item keys, from a run's best model; the catalogue
+@config_file_options
+def recommend(run: str, history: str, as_json: bool, config_file: str | None, settings: tuple[str, ...],
+              **options: Any) -> None:
+    """Top-n item keys with scores for a history of item keys, from a run's best model; the catalogue
     includes items added with `pmmcache add-items`."""
     from pmmcache import recommend as stage
 
     _quiet_libraries()
-    config = from_dict(stage.RecommendConfig, {"run": run, "history": history.split(), "k": k,
-                                               "include_history": include_history})
+    config = build_config(stage.RecommendConfig, config_file, {"run": run, "history": history.split(), **options},
+                          settings)
     items = stage.recommend(config)
     if as_json:
-        click.echo(json.dumps({"run": run, "history": list(config.history), "k": k,
-                               "include_history": include_history,
+        click.echo(json.dumps({"run": run, "history": list(config.history), "k": config.k,
+                               "include_history": config.include_history,
                                "items": [{"key": r.key, "score": r.score} for r in items]}, indent=2))
         return
     click.echo(f"{'rank':>4}  {'score':>10}  key")
@@ -271,48 +422,51 @@ def recommend(run: str, history: str, k: int, include_history: bool, as_json: bo
 @_RUN
 @click.option("--items", required=True, type=click.Path(dir_okay=False, exists=True), help="New items, `item<TAB>text` per line (PMMRec items-file layout).")
 @click.option("--images", type=click.Path(exists=True), help="Their images: a folder of <item>.<ext> files or an LMDB (key = item).")
-@click.option("--source", default="new", show_default=True, help="Keys become <source>/<item>.")
-@click.option("--batch-size", type=int, help="Items per encoder batch.  [default: 64]")
-@click.option("--num-workers", type=int, help="Loader processes decoding images.  [default: 0]")
-@click.option("--device", help="cpu, cuda or auto.  [default: auto]")
-def add_items(**options: Any) -> None:
+@config_option(ADD_ITEMS, "--source", help="Keys become <source>/<item>.")
+@config_option(ADD_ITEMS, "--batch-size", type=int, help=HELP["batch_size"])
+@config_option(ADD_ITEMS, "--num-workers", type=int, help=HELP["num_workers"])
+@config_option(ADD_ITEMS, "--device", help=HELP["device"])
+@config_file_options
+def add_items(config_file: str | None, settings: tuple[str, ...], **options: Any) -> None:
     """Add new items to a trained run's catalogue with no retraining: extract only them with the run's
     encoders (into runs/<run>/catalogue/) and register them. Rerunning resumes or does nothing; a key
     already in the catalogue is an error. Not possible for an ID-based run."""
     from pmmcache import recommend as stage
 
     _quiet_libraries()
-    stage.add_items(from_dict(stage.AddItemsConfig, {k: v for k, v in options.items() if v is not None}))
+    stage.add_items(build_config(stage.AddItemsConfig, config_file, options, settings))
 
 
 @main.command("export-items")
 @_RUN
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="items.parquet (key, vector) or items.npz.")
-def export_items(run: str, output: str) -> None:
+@config_file_options
+def export_items(run: str, output: str, config_file: str | None, settings: tuple[str, ...]) -> None:
     """Every catalogue item's key and vector (float32; score = dot product with a user vector), with the
     run's config in the file metadata, for an ANN index."""
     from pmmcache import recommend as stage
 
     _quiet_libraries()
-    path = stage.export_items(from_dict(stage.ExportConfig, {"run": run, "output": output}))
+    path = stage.export_items(build_config(stage.ExportConfig, config_file, {"run": run, "output": output}, settings))
     click.echo(f"wrote {path}")
 
 
 @main.command()
-@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False))
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
-@click.option("--runs-dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--target", help="Target domain to fine-tune on.  [default: the demo's first target domain]")
-@click.option("--pretrain-epochs", type=int, help="Epochs of pre-training on the source domains.  [default: 3]")
-@click.option("--finetune-epochs", type=int, help="Epochs of each fine-tuning run on the target domain.  [default: 5]")
-def demo(**options: Any) -> None:
+@config_option(DEMO, "--data-dir", type=click.Path(file_okay=False), help=HELP["data_dir"])
+@config_option(DEMO, "--cache-dir", type=click.Path(file_okay=False), help=HELP["cache_dir"])
+@config_option(DEMO, "--runs-dir", type=click.Path(file_okay=False), help=HELP["runs_dir"])
+@config_option(DEMO, "--target", none_means="the demo's first target domain", help="Target domain to fine-tune on.")
+@config_option(DEMO, "--pretrain-epochs", type=int, help="Epochs of pre-training on the source domains.")
+@config_option(DEMO, "--finetune-epochs", type=int, help="Epochs of each fine-tuning run on the target domain.")
+@config_file_options
+def demo(config_file: str | None, settings: tuple[str, ...], **options: Any) -> None:
     """The main job on the embedded dataset: extract -> pre-train on source domains -> fine-tune on a
     target domain from scratch and from the pre-trained run -> full-rank test HR@10 / NDCG@10 beside
     random ranking. Sized for a 2-core CPU (tiny model, one trained block); rerunning resumes."""
     from pmmcache import demo_job
 
     _quiet_libraries()
-    demo_job.run(from_dict(demo_job.DemoJobConfig, {k: v for k, v in options.items() if v is not None}))
+    demo_job.run(build_config(demo_job.DemoJobConfig, config_file, options, settings))
 
 
 @main.group()
@@ -330,17 +484,17 @@ def _print_json(result: dict[str, Any], output: str | None) -> None:
 def size_options(command: Any) -> Any:
     """Model-size options shared by `bench step` and `bench eval` (default: full size on CUDA, tiny on CPU)."""
     options = [
-        click.option("--dim", type=int, help="Hidden size d of encoders and model.  [default: 768 on CUDA, 64 on CPU]"),
+        click.option("--dim", type=int, help=HELP["dim"] + "  [default: 768 on CUDA, 64 on CPU]"),
         click.option("--blocks", type=int, help="Encoder blocks.  [default: 12 on CUDA, 4 on CPU]"),
-        click.option("--top-blocks", type=int, help="Top blocks trained in stage 2 (k).  [default: 2]"),
+        click.option("-k", "--top-blocks", type=int, help=HELP["top_blocks"] + "  [default: 2]"),
         click.option("--heads", type=int, help="Attention heads.  [default: 12 on CUDA, 4 on CPU]"),
         click.option("--text-tokens", type=int, help="Tokens per text.  [default: 50]"),
-        click.option("--image-size", type=int, help="Image side in pixels (patch 32).  [default: 224]"),
-        click.option("--device", default="auto", show_default=True),
+        click.option("--image-size", type=int, help=HELP["image_size"] + "  [default: 224]"),
+        click.option("--device", default="auto", show_default=True, help=HELP["device"]),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True, help="auto: as the real command runs: train bf16 on CUDA (fp32 on CPU), eval fp32."),
-        click.option("--work-dir", type=click.Path(file_okay=False), help="Scratch directory.  [default: a temporary one]"),
-        click.option("--output", type=click.Path(dir_okay=False), help="Also write the JSON here."),
+        click.option("--work-dir", type=click.Path(file_okay=False), help=HELP["work_dir"]),
+        click.option("--output", type=click.Path(dir_okay=False), help=HELP["output_json"]),
     ]
     for option in reversed(options):
         command = option(command)
@@ -348,14 +502,14 @@ def size_options(command: Any) -> Any:
 
 
 @bench.command("step")
-@click.option("--users", default=32, show_default=True, help="Users per batch.")
+@click.option("--batch-size", "users", default=32, show_default=True, help="Users per batch.")
 @click.option("--positions", default=21, show_default=True, help="Items per user sequence (20 history + target).")
 @click.option("--steps", type=int, help="Timed steps per round.  [default: 20 on CUDA, 5 on CPU]")
 @click.option("--rounds", default=3, show_default=True, help="Rounds; the variants take turns, the median is reported.")
 @click.option("--warmup", type=int, help="Untimed steps per round.  [default: 2 on CUDA, 1 on CPU]")
-@click.option("--catalogue", type=int, help="Items in the synthetic cache.  [default: 4000 on CUDA, 2000 on CPU]")
+@click.option("--catalogue", type=int, help=HELP["catalogue"] + "  [default: 4000 on CUDA, 2000 on CPU]")
 @click.option("--stage", type=click.Choice(["pretrain", "finetune"]), default="pretrain", show_default=True,
-              help="pretrain: DAP+NICL+NID+RCL; finetune: DAP.")
+              help=HELP["stage"])
 @size_options
 def bench_step(output: str | None, **options: Any) -> None:
     """Training step on cached states (memmap / RAM / GPU, with and without prefetch) vs end to end
@@ -367,7 +521,7 @@ def bench_step(output: str | None, **options: Any) -> None:
 
 
 @bench.command("eval")
-@click.option("--items", type=int, help="Catalogue size N.  [default: 100000 on CUDA, 2000 on CPU]")
+@click.option("--catalogue", "items", type=int, help=HELP["catalogue"] + "  [default: 100000 on CUDA, 2000 on CPU]")
 @click.option("--users", type=int, help="Users evaluated.  [default: 100000 on CUDA, 2000 on CPU]")
 @click.option("--cache-rows", type=int, help="Rows of the synthetic cache the items repeat.  [default: 10000 on CUDA, 1000 on CPU]")
 @click.option("--item-batch-size", default=1024, show_default=True)
@@ -383,25 +537,18 @@ def bench_eval(output: str | None, **options: Any) -> None:
 
 
 @bench.command("extract")
-@click.option("--dataset", default="demo", show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Raw datasets root.  [default: data]")
-@click.option("--items", default=4000, show_default=True, help="Items in the synthetic cache for the reader benchmark.")
+@click.option("--dataset", default="demo", show_default=True, help=HELP["dataset"])
+@config_option(EXTRACT, "--data-dir", type=click.Path(file_okay=False), help=HELP["data_dir"])
+@click.option("--catalogue", "items", default=4000, show_default=True, help=HELP["catalogue"])
 @click.option("--tokens", default=100, show_default=True, help="Text tokens + image tokens per item.")
-@click.option("--dim", default=768, show_default=True, help="Hidden size d.")
+@click.option("--dim", default=768, show_default=True, help=HELP["dim"])
 @click.option("--batch-items", default=672, show_default=True, help="Random items per batch (32 users x 21).")
 @click.option("--repeats", default=5, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--text-encoder", help="As for `pmmcache extract`.  [default: the dataset's]")
-@click.option("--vision-encoder", help="As for `pmmcache extract`.  [default: the dataset's]")
-@click.option("--vision-weights", help="As for `pmmcache extract`.  [default: the dataset's]")
-@click.option("-k", "--top-blocks", type=int, help="As for `pmmcache extract`.  [default: 2]")
-@click.option("--image-size", type=int, help="As for `pmmcache extract`.  [default: 224]")
-@click.option("--batch-size", type=int, help="Items per encoder batch.  [default: 64]")
-@click.option("--num-workers", type=int, help="Loader processes.  [default: 2]")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute dtype.  [default: float32]")
-@click.option("--cache-dtype", type=click.Choice(["float16", "int8"]), help="Storage dtype.  [default: float16]")
-@click.option("--work-dir", type=click.Path(file_okay=False), help="Scratch directory.  [default: a temporary one]")
-@click.option("--output", type=click.Path(dir_okay=False), help="Also write the JSON here.")
+@click.option("--device", default="auto", show_default=True, help=HELP["device"])
+@encoder_options(EXTRACT, seed=False)
+@extraction_options
+@click.option("--work-dir", type=click.Path(file_okay=False), help=HELP["work_dir"])
+@click.option("--output", type=click.Path(dir_okay=False), help=HELP["output_json"])
 def bench_extract(output: str | None, **options: Any) -> None:
     """Extraction items/s end to end vs encoding alone, and cache-reader throughput: memmap vs RAM
     (float16 and int8) vs naive h5py fancy indexing."""

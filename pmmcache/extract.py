@@ -110,13 +110,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
-def cache_key(text: TextEncoderSpec | None, vision: VisionEncoderSpec | None) -> str:
-    """File stem naming the encoders and split, e.g. `text-xlm-roberta-base-k2-L50+image-ViT-B-32-openai-k2-224`."""
+def cache_key(text: TextEncoderSpec | None, vision: VisionEncoderSpec | None, storage_dtype: str = "float16") -> str:
+    """File stem naming the encoders, split and storage, e.g. `text-xlm-roberta-base-k2-L50+image-ViT-B-32-openai-k2-224`.
+
+    Whatever changes the stored states is in the name, so caches of other settings sit side by side
+    instead of `--force` overwriting one with the other: a random vision init with a seed other than 0
+    adds `-seed<N>` to the image part, a storage dtype other than float16 adds `+<dtype>`. The default
+    settings keep the short name, so caches made before these parts existed are still found."""
     parts = []
     if text is not None:
         parts.append(f"text-{_slug(text.name)}-k{text.top_blocks}-L{text.max_length}")
     if vision is not None:
-        parts.append(f"image-{_slug(vision.name)}-{_slug(vision.weights)}-k{vision.top_blocks}-{vision.image_size}")
+        seeded = vision.weights == "random" and vision.seed != 0  # the seed means nothing for loaded weights
+        parts.append(f"image-{_slug(vision.name)}-{_slug(vision.weights)}-k{vision.top_blocks}-{vision.image_size}"
+                     + (f"-seed{vision.seed}" if seeded else ""))
+    if storage_dtype != "float16":
+        parts.append(storage_dtype)
     return "+".join(parts)
 
 
@@ -147,7 +156,7 @@ def build_manifest(dataset: Any, text: TextEncoder | None, vision: VisionEncoder
         "image": encoder_entry(vision),
         "storage_dtype": config.cache_dtype,  # compared on reuse; stage 2 reads either
         "compute_dtype": config.dtype,
-        "created_by": {"pmmcache": getattr(pmmcache, "__version__", "0"), "torch": torch.__version__,
+        "created_by": {"pmmcache": pmmcache.__version__, "torch": torch.__version__,
                        "transformers": transformers.__version__},
         "extract": to_dict(config),
     }
@@ -288,7 +297,7 @@ def extract_dataset(dataset: Any, config: ExtractConfig, path: Path | None = Non
     text = text.to(device=device, dtype=dtype).eval() if text else None
     vision = vision.to(device=device, dtype=dtype).eval() if vision else None
     path = Path(path) if path is not None else cache_path(Path(config.cache_dir), config.dataset,
-                                                          cache_key(text_spec, vision_spec))
+                                                          cache_key(text_spec, vision_spec, config.cache_dtype))
 
     lock = (exclusive_lock(path.with_name(path.name + ".lock"), f"the cache {path}", lock_timeout())
             if state.is_main_process else nullcontext())
@@ -450,7 +459,7 @@ def _encode(batch: ItemBatch, text: TextEncoder | None, vision: VisionEncoder | 
         modality[:, 1] = (flags & (cache_io.FLAG_IMAGE_MISSING | cache_io.FLAG_IMAGE_UNREADABLE)) == 0
     padding = batch.rows == 0
     if padding.any():  # row 0 is the padding item: all zeros, no modality, no problem flags
-        for name, values in out.items():
+        for values in out.values():
             values[padding] = 0
     return out
 

@@ -32,7 +32,8 @@ def default_cache_dataset(dataset: str) -> str:
 
 def find_cache(cache_dir: Path, cache_dataset: str, text: TextEncoder | None, vision: VisionEncoder | None) -> Path:
     """The cache file for these encoders: the one named by their key, else any cache of the dataset
-    whose manifest matches them (e.g. a text-only model reads the text part of a text+image cache)."""
+    whose manifest matches them (e.g. a text-only model reads the text part of a text+image cache, and
+    any model reads an int8 cache, `<key>+int8.h5`, when there is no float16 one)."""
     from pmmcache.extract import cache_key, cache_path
 
     path = cache_path(cache_dir, cache_dataset, cache_key(text.spec if text else None, vision.spec if vision else None))

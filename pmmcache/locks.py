@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -70,7 +70,7 @@ def exclusive_lock(path: Path, what: str, timeout: float | None = None, poll: fl
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "command": " ".join(os.path.basename(a) if i == 0 else a
                                                      for i, a in enumerate(sys.argv))[:200],
-                                 "since": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}))
+                                 "since": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}))
         handle.flush()
         try:
             yield

@@ -9,7 +9,6 @@ same item in two other users' sequences) each count, as in the paper's sum over 
 """
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch

@@ -589,7 +589,10 @@ class TrainResult:
 
 def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     """Train (or resume) a run; returns the best epoch's valid and test metrics."""
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config.mixed_precision), cpu=use_cpu())
+    # The scheduler steps once per optimizer step, as warmup_steps counts them: accelerate's default
+    # steps a prepared scheduler once per process per step, which ended warmup early under `launch`.
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config.mixed_precision), cpu=use_cpu(),
+                              step_scheduler_with_optimizer=False)
     set_seed(config.seed)
     config = with_init_model(config)
     run_dir = _run_dir(config)
@@ -673,7 +676,8 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
             if config.grad_clip > 0:
                 accelerator.clip_grad_norm_(step_module.parameters(), config.grad_clip)
             optimizer.step()
-            scheduler.step()
+            if not optimizer.step_was_skipped:  # an fp16 overflow skips the step: the schedule waits too
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
@@ -687,7 +691,9 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         epoch += 1
         state.epoch = epoch
         record = {"epoch": epoch, **{f"train_{k}": float(v) / max(1, len(batches)) for k, v in sums.items()},
-                  **{f"valid_{k}": v for k, v in metrics.items()}, **grad_norms, "seconds": round(seconds, 2),
+                  **{f"valid_{k}": v for k, v in metrics.items()}, **grad_norms,
+                  "lr": scheduler.get_last_lr()[1],  # the heads' learning rate for the next step (lr once warm)
+                  "seconds": round(seconds, 2),
                   "items_per_s": round(items_seen / seconds, 1) if seconds > 0 else 0.0}
         improved = metrics[config.select_metric] > state.best_metric
         if improved:

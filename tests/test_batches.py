@@ -5,9 +5,7 @@ Runs on the tiny toy cache of test_train (2-block BERT + tiny ViT, d = 32).
 """
 from __future__ import annotations
 
-import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +14,7 @@ import torch
 from pmmcache import train
 from pmmcache.batches import Prefetcher, prepare_batch, trim_padding
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import build_toy, read_history, train_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return build_toy(tmp_path_factory.mktemp("toy"))
+from helpers.toy import read_history, train_config
 
 
 def test_training_with_and_without_prefetch_gives_the_same_losses_and_weights(toy, tmp_path):

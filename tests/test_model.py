@@ -1,6 +1,6 @@
 """The stage-2 model on cached states: item towers, fusion masks, pooling, user encoder, per-part checkpoints.
 
-Top blocks come from tiny encoders saved by `tests/tiny_models.py` and loaded through the real
+Top blocks come from tiny encoders saved by `tests/helpers/tiny_models.py` and loaded through the real
 loading path (BERT d 32 with L = 6 tokens; CLIP ViT d 32, 32 px / 16 px patches -> P = 5 tokens).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pmmcache.model import (
     build_pmmrec,
     read_parts_config,
 )
-from tiny_models import save_tiny_bert, save_tiny_hf_clip_vision  # pytest puts tests/ on sys.path
+from helpers.tiny_models import save_tiny_bert, save_tiny_hf_clip_vision
 
 D, L, P = 32, 6, 5
 

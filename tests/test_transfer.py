@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,7 @@ from pmmcache.extract import run as extract
 from pmmcache.objectives import catalogue_dap_loss
 from pmmcache.train import ObjectiveConfig, TrainConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import Toy, build_toy, extract_config, train_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Toy:
-    return build_toy(tmp_path_factory.mktemp("toy"))
+from helpers.toy import Toy, extract_config, train_config
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +177,12 @@ def test_pretraining_without_dap_trains_the_other_objectives_and_finetuning_need
     s = train.setup(config, torch.device("cpu"))
     losses = step_losses(s.model, config.objectives, s.store, config.weights)
     assert set(losses) == {"nicl", "nid", "rcl"} and all(torch.isfinite(v) for v in losses.values())
+    # A whole run (step, gradient norms, evaluation, checkpoint) records the three and no DAP.
+    result = train.run(from_dict(TrainConfig, {**to_dict(config), "epochs": 1}), show_progress=False)
+    record = json.loads((result.run_dir / "metrics.jsonl").read_text())
+    assert {"train_nicl", "train_nid", "train_rcl"} <= set(record) and not any("dap" in key for key in record)
+    assert record["train_loss"] == pytest.approx(record["train_nicl"] + record["train_nid"] + record["train_rcl"],
+                                                 rel=1e-5)
     with pytest.raises(ConfigError, match="fine-tuning trains DAP alone"):
         train_config(toy, tmp_path, "no-dap", stage="finetune", objectives={"dap": 0.0})
     with pytest.raises(ConfigError, match="nothing to train"):
@@ -263,14 +262,12 @@ def test_morec_plus_plus_fuses_pooled_modalities_with_one_linear_layer(toy, tmp_
     assert train.run(config, show_progress=False).metrics["test"]["users"] == 39
 
 
-def test_training_windows_make_every_training_item_a_target(toy, tmp_path, monkeypatch):
-    sizes = []
-    real = train.epoch_batches
-    monkeypatch.setattr(train, "epoch_batches", lambda n, *a, **k: sizes.append(n) or real(n, *a, **k))
-    train.run(train_config(toy, tmp_path, "windows", train_windows="all", max_len=3, epochs=1,
-                           model={"item_tower": {"d_model": 32, "fusion_heads": 2},
-                                  "user_encoder": {"d_model": 32, "max_len": 4}}), show_progress=False)
-    assert sizes == [39 * 2]  # 6 training items per user: windows of 4 items, overlapping by one
+def test_training_windows_make_every_training_item_a_target(toy, tmp_path):
+    config = train_config(toy, tmp_path, "windows", train_windows="all", max_len=3, epochs=1,
+                          model={"item_tower": {"d_model": 32, "fusion_heads": 2},
+                                 "user_encoder": {"d_model": 32, "max_len": 4}})
+    sequences, _ = train.training_sequences(train.setup(config, torch.device("cpu")).dataset, config)
+    assert len(sequences) == 39 * 2  # 6 training items per user: windows of 4 items, overlapping by one
 
 
 @pytest.mark.parametrize("args, check", [
