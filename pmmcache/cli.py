@@ -197,6 +197,7 @@ def train(config_file: str | None, settings: tuple[str, ...], **options: Any) ->
     runs/<run>/ with config.json, metrics.jsonl, per-epoch checkpoints and best/ (safetensors).
     """
     from pmmcache import train as stage
+    from pmmcache.run_config import BASELINES, TrainConfig
 
     _quiet_libraries()
     options["encoders"] = {k: options.pop(k, None) for k in ENCODER_OPTIONS}
@@ -206,8 +207,8 @@ def train(config_file: str | None, settings: tuple[str, ...], **options: Any) ->
         options["objectives"] = {"ablation": options["ablation"]}
     options.pop("ablation")
     baseline = options.pop("baseline")
-    preset = [f"{key}={value}" for key, value in stage.BASELINES[baseline].items()] if baseline else []
-    stage.run(build_config(stage.TrainConfig, config_file, options, tuple(preset) + settings))
+    preset = [f"{key}={value}" for key, value in BASELINES[baseline].items()] if baseline else []
+    stage.run(build_config(TrainConfig, config_file, options, tuple(preset) + settings))
 
 
 @main.command("eval")
@@ -224,19 +225,13 @@ def eval_(run_dir: str, full_rank: bool, cold_start: bool, cold_threshold: int, 
 
     --full-rank (the default) scores valid and test; --cold-start scores the cold-item cases; give both
     for both."""
-    from pmmcache import coldstart
     from pmmcache import evaluate as stage
 
-    if full_rank and cold_start and output:
-        raise ConfigError("--output names one file: give it with only one of --full-rank / --cold-start")
     _quiet_libraries()
-    loaded = stage.load_run(Path(run_dir), dataset, not no_mask_history)  # once, for both modes
-    if full_rank or not cold_start:
-        stage.run_cli(Path(run_dir), dataset=dataset, mask_history=not no_mask_history,
-                      output=Path(output) if output else None, loaded=loaded)
-    if cold_start:
-        coldstart.evaluate_run(Path(run_dir), threshold=cold_threshold, mask_history=not no_mask_history,
-                               output=output, dataset=dataset, show=True, loaded=loaded)
+    stage.run(from_dict(stage.EvalConfig, {
+        "run": run_dir, "full_rank": full_rank or not cold_start, "cold_start": cold_start,
+        "cold_threshold": cold_threshold, "dataset": dataset, "mask_history": not no_mask_history,
+        "output": output}))
 
 
 _RUN = click.option("--run", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run directory (runs/<run>).")

@@ -312,7 +312,7 @@ def _extract_into(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
     state.wait_for_everyone()  # all processes split the same pending rows: none may write before all have read
     mine = pending[state.process_index::state.num_processes]
     batches = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
-    rows = ItemRows(batches, *_item_columns(dataset), dataset.image_stores, text, vision)
+    rows = ItemRows(batches, *item_columns(dataset), dataset.image_stores, text, vision)
     loader = DataLoader(rows, batch_size=None, shuffle=False, num_workers=config.num_workers,
                         persistent_workers=False, prefetch_factor=4 if config.num_workers > 0 else None)
     row_bytes = _row_bytes(writer)
@@ -414,8 +414,9 @@ def _item_set_change(path: Path, keys: list[str], current: list[str], name: str)
             "the cache cannot be updated in place; `pmmcache extract --force` re-extracts every item")
 
 
-def _item_columns(dataset: Any) -> tuple[list[str | None], list[tuple[int, str | None]]]:
-    """Texts and (image store, image key) per row; row 0 is the padding item."""
+def item_columns(dataset: Any) -> tuple[list[str | None], list[tuple[int, str | None]]]:
+    """What `ItemRows` reads of a prepared dataset: texts and (image store, image key) per cache row;
+    row 0 is the padding item."""
     texts = [None] + dataset.items.column("text").to_pylist()
     stores = dataset.items.column("image_store").to_pylist()
     keys = dataset.items.column("image_key").to_pylist()

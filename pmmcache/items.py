@@ -19,6 +19,7 @@ import torch
 from pmmcache import cache as cache_io
 from pmmcache.encoders import TextEncoder, VisionEncoder
 from pmmcache.errors import CacheMismatchError, PmmcacheError
+from pmmcache.extract import cache_key, cache_path
 from pmmcache.integrity import check_sample
 
 SHOWN = 5  # changed items named in a message; the rest are counted
@@ -33,8 +34,6 @@ def default_cache_dataset(dataset: str) -> str:
 def find_cache(cache_dir: Path, cache_dataset: str, text: TextEncoder | None, vision: VisionEncoder | None) -> Path:
     """The cache file for these encoders: the one named by their key, else any cache of the dataset
     whose manifest matches them (e.g. a text-only model reads the text part of a text+image cache)."""
-    from pmmcache.extract import cache_key, cache_path
-
     path = cache_path(cache_dir, cache_dataset, cache_key(text.spec if text else None, vision.spec if vision else None))
     if path.is_file():
         return path

@@ -27,10 +27,16 @@ import torch
 
 from pmmcache import cache as cache_io
 from pmmcache.config import from_dict, load_file, to_dict
+from pmmcache.data.images import open_image_path
+from pmmcache.data.prepare import ITEM_SCHEMA, USER_SCHEMA, PrepareConfig, PreparedDataset, check_source_name
+from pmmcache.data.readers import read_pmmrec_texts
 from pmmcache.errors import ConfigError, PmmcacheError
+from pmmcache.evaluate import item_table
+from pmmcache.extract import ExtractConfig, extract_dataset
 from pmmcache.files import write_json
 from pmmcache.integrity import check_sample
-from pmmcache.items import ItemStore
+from pmmcache.items import ItemStore, default_cache_dataset
+from pmmcache.runs import load_run
 from pmmcache.runtime import check_device
 
 CATALOGUE_DIR = "catalogue"
@@ -168,9 +174,7 @@ class Catalogue:
 
 
 def build_catalogue(run_dir: Path, s: Any) -> Catalogue:
-    """The catalogue of a loaded run (`evaluate.load_run`): its dataset's items, then every addition."""
-    from pmmcache.evaluate import item_table
-
+    """The catalogue of a loaded run (`runs.load_run`): its dataset's items, then every addition."""
     was_training = s.model.training
     s.model.eval()
     keys = list(s.dataset.item_keys())
@@ -200,8 +204,6 @@ class Recommender:
     """A run's best model and its catalogue, loaded once; `recommend` serves any number of histories."""
 
     def __init__(self, run_dir: str | Path):
-        from pmmcache.evaluate import load_run
-
         self.run_dir = Path(run_dir)
         s, _ = load_run(self.run_dir, storage="memmap")  # each item is read once, for the table
         self.model = s.model
@@ -252,14 +254,10 @@ class AddResult:
 
 def new_items_dataset(items_file: Path, images: Path | None, source: str) -> Any:
     """The new items as a prepared dataset without users: what stage 1 extracts."""
-    from pmmcache.data.images import open_image_path
-    from pmmcache.data.prepare import ITEM_SCHEMA, USER_SCHEMA, PrepareConfig, PreparedDataset, check_source_name
-    from pmmcache.data.readers import _read_pmmrec_texts
-
     check_source_name(source)
     if not Path(items_file).is_file():
         raise PmmcacheError(f"items file {items_file} not found (expected `item \\t text` per line)")
-    texts = _read_pmmrec_texts(Path(items_file))
+    texts = read_pmmrec_texts(Path(items_file))
     if not texts:
         raise PmmcacheError(f"{items_file} lists no items")
     store = open_image_path(images) if images is not None else None
@@ -298,9 +296,6 @@ def _check_collisions(run_dir: Path, new_keys: list[str], trained_keys: list[str
 def _extract_config(s: Any, config: AddItemsConfig) -> Any:
     """The run's stage-1 settings: its encoders and cache dataset (config.json), and the compute and
     storage dtypes of the cache it was trained on, so new items get states made the same way."""
-    from pmmcache.extract import ExtractConfig
-    from pmmcache.items import default_cache_dataset
-
     run = s.config
     manifest = s.store.reader.manifest
     data = {**to_dict(run.encoders), "modalities": list(run.model.item_tower.modalities),
@@ -318,8 +313,6 @@ def add_items(config: AddItemsConfig, show_progress: bool = True) -> AddResult:
     Re-adding the same items file does nothing (or finishes an interrupted extraction); a key that is
     already in the catalogue (the run's dataset or another addition) is an error.
     """
-    from pmmcache.evaluate import load_run
-    from pmmcache.extract import extract_dataset
 
     run_dir = Path(config.run)
     check_content_based(run_dir, run_config(run_dir))

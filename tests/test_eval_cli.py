@@ -92,7 +92,8 @@ def naive_cold_start_metrics(run_dir: Path, threshold: int) -> tuple[int, dict[s
     import torch
 
     from pmmcache.coldstart import cold_start_cases
-    from pmmcache.evaluate import item_table, load_run
+    from pmmcache.evaluate import item_table
+    from pmmcache.runs import load_run
 
     s, _ = load_run(run_dir)
     cases = cold_start_cases(s.dataset, threshold, s.config.max_len)
@@ -130,11 +131,14 @@ def test_cold_start_scores_every_prefix_ending_in_a_cold_item_like_a_naive_loop(
 
 
 def test_cold_start_threshold_is_strict_and_the_pipeline_entry_point_returns_the_record(trained_run, tmp_path):
-    from pmmcache.coldstart import evaluate_run
+    from pmmcache.evaluate import EvalConfig, run
 
-    warm = evaluate_run(trained_run, threshold=6, output=tmp_path / "warm.json")  # 6 occurrences: not cold
+    def cold_start(**settings):
+        return run(EvalConfig(run=trained_run, full_rank=False, cold_start=True, **settings), show=False)["cold_start"]
+
+    warm = cold_start(cold_threshold=6, output=tmp_path / "warm.json")  # 6 occurrences: not cold
     assert warm["cases"] == 0 and warm["cold_items"] == 0
-    record = evaluate_run(trained_run, threshold=7, mask_history=False, output=tmp_path / "cold.json")
+    record = cold_start(cold_threshold=7, mask_history=False, output=tmp_path / "cold.json")
     assert record == json.loads((tmp_path / "cold.json").read_text())
     assert record["mask_history"] is False and 0 <= record["metrics"]["HR@10"] <= 1
     assert set(record["metrics"]) == set(METRICS)

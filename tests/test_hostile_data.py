@@ -32,6 +32,7 @@ from pmmcache.extract import ExtractConfig
 from pmmcache.extract import run as extract
 from pmmcache.items import ItemStore
 from pmmcache.locks import exclusive_lock
+from pmmcache.runs import Setup, setup
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_extract import record_written_rows, rewrite_line  # noqa: E402
@@ -109,9 +110,9 @@ def extracted(tmp_path, bert_dir):
     return data_dir, cache_dir, result.path
 
 
-def open_store(data_dir: Path, cache_dir: Path, bert_dir: Path, tmp_path: Path) -> train.Setup:
+def open_store(data_dir: Path, cache_dir: Path, bert_dir: Path, tmp_path: Path) -> Setup:
     """What every stage-2 command does first: resolve the dataset and open its cache."""
-    return train.setup(train_config(data_dir, cache_dir, bert_dir, tmp_path / "runs"), torch.device("cpu"))
+    return setup(train_config(data_dir, cache_dir, bert_dir, tmp_path / "runs"), torch.device("cpu"))
 
 
 def damage(path: Path, row: int, name: str = "image/states", value: float = 7.0) -> None:

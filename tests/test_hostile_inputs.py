@@ -28,7 +28,7 @@ from pmmcache import files, train
 from pmmcache.cli import main, set_dotted
 from pmmcache.config import from_dict
 from pmmcache.errors import ConfigError, PmmcacheError
-from pmmcache.train import TrainConfig
+from pmmcache.run_config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import NAME, build_toy, learned, train_cli_args, train_config, train_settings  # noqa: E402

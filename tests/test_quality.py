@@ -27,6 +27,7 @@ from pmmcache.model.item_tower import ItemTowerConfig
 from pmmcache.model.pmmrec import PMMRec, PMMRecConfig
 from pmmcache.model.user_encoder import UserEncoder, UserEncoderConfig
 from pmmcache.objectives import in_batch_negative_mask
+from pmmcache.runs import setup, with_init_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import NAME, build_toy, make_toy, train_config  # noqa: E402
@@ -62,7 +63,7 @@ def first_dap_loss(wide, runs: Path, width: int, **objectives) -> tuple[float, f
         "runs_dir": str(runs), "encoders": encoders, "objectives": {"logq": False, **objectives},
         "model": {"item_tower": {"d_model": width, "fusion_heads": 2}, "user_encoder": {"d_model": width, "n_heads": 2}},
         "mixed_precision": "no"})
-    s = train.setup(config, torch.device("cpu"))
+    s = setup(config, torch.device("cpu"))
     sequences, predict = train.training_sequences(s.dataset, s.config)
     batch = prepare_batch(sequences, np.arange(16), s.store, torch.device("cpu"), predict=predict)
     step = train.TrainingStep(s.model.eval(), s.config.objectives, s.config.weights, None)
@@ -97,10 +98,10 @@ def test_user_encoder_starts_at_recbole_scale_and_keeps_xavier_as_an_option():
 
 
 def test_frozen_encoders_get_the_mlp_adaptor_and_configs_save_the_choice(toy, tmp_path):
-    frozen = train.with_init_model(train_config(toy, tmp_path, "k0", encoders={"top_blocks": 0}))
-    tuned = train.with_init_model(train_config(toy, tmp_path, "k1"))
+    frozen = with_init_model(train_config(toy, tmp_path, "k0", encoders={"top_blocks": 0}))
+    tuned = with_init_model(train_config(toy, tmp_path, "k1"))
     assert frozen.model.item_tower.projection == "mlp" and tuned.model.item_tower.projection == "linear"
-    explicit = train.with_init_model(train_config(toy, tmp_path, "lin", encoders={"top_blocks": 0},
+    explicit = with_init_model(train_config(toy, tmp_path, "lin", encoders={"top_blocks": 0},
                                                   model={"item_tower": {"projection": "linear"}}))
     assert explicit.model.item_tower.projection == "linear"
 

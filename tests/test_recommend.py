@@ -25,7 +25,8 @@ from pmmcache import cache as cache_io
 from pmmcache import train
 from pmmcache.cli import main
 from pmmcache.errors import PmmcacheError
-from pmmcache.evaluate import item_table, load_run
+from pmmcache.evaluate import item_table
+from pmmcache.runs import load_run
 from pmmcache.recommend import AddItemsConfig, Recommender, add_items, read_registry
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -27,7 +27,7 @@ def encode_only_items_per_s(config: Any, device: torch.device, max_items: int = 
     count = min(dataset.num_items, max_items)
     rows = torch.arange(1, count + 1).numpy()
     batches = [rows[i:i + config.batch_size] for i in range(0, count, config.batch_size)]
-    loader = extract.ItemRows(batches, *extract._item_columns(dataset), dataset.image_stores, text, vision)
+    loader = extract.ItemRows(batches, *extract.item_columns(dataset), dataset.image_stores, text, vision)
     loaded = [loader[i] for i in range(len(batches))]  # decoding and tokenising: not timed here
     inputs = [(b.input_ids.to(device) if text else None, b.attention_mask.to(device) if text else None,
                b.pixels.to(device=device, dtype=dtype) if vision else None) for b in loaded]

@@ -26,6 +26,9 @@ from pmmcache.batches import Batch, Prefetcher, prepare_batch
 from pmmcache.bench.common import (bench_keys, build_encoders, build_model, default_size, gpu_peak_mb,
                                    host_peak_rss_mb, machine, reset_gpu_peak, resolve_device, synchronize,
                                    write_synthetic_cache)
+from pmmcache.items import ItemStore
+from pmmcache.run_config import ObjectiveConfig
+from pmmcache.train import TrainingStep
 
 
 class RecomputingStore:
@@ -72,9 +75,6 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
     Each variant runs `rounds` times, the variants taking turns, `warmup` + `steps` steps each; a
     variant's figure is the median over its rounds, so a load change on a shared machine hits all
     variants alike instead of the one that happened to run then."""
-    from pmmcache.items import ItemStore
-    from pmmcache.train import ObjectiveConfig, TrainingStep
-
     dev = resolve_device(device)
     size = default_size(dev, **size_options)
     precision = ("bf16" if dev.type == "cuda" else "fp32") if precision == "auto" else precision
