@@ -131,20 +131,13 @@ def build_manifest(dataset: Any, text: TextEncoder | None, vision: VisionEncoder
 
     import pmmcache
 
-    def encoder_entry(encoder: Any) -> dict[str, Any] | None:
-        if encoder is None:
-            return None
-        entry = dict(encoder.describe())
-        entry["split_block"] = encoder.n_blocks - encoder.spec.top_blocks
-        return entry
-
     return {
         "format_version": cache_io.FORMAT_VERSION,
         # The dataset as it was when the file was created; rows re-encoded later are tracked by /item_hash.
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_items": dataset.num_items},
         "item_order": "row i = item index i of the prepared dataset; row 0 = padding",
-        "text": encoder_entry(text),
-        "image": encoder_entry(vision),
+        "text": cache_io.encoder_entry(text),
+        "image": cache_io.encoder_entry(vision),
         "storage_dtype": config.cache_dtype,  # compared on reuse; stage 2 reads either
         "compute_dtype": config.dtype,
         "created_by": {"pmmcache": getattr(pmmcache, "__version__", "0"), "torch": torch.__version__,

@@ -51,14 +51,8 @@ def find_cache(cache_dir: Path, cache_dataset: str, text: TextEncoder | None, vi
 
 def expected_manifest(text: TextEncoder | None, vision: VisionEncoder | None) -> dict[str, Any]:
     """What a cache must say about its encoders to feed a model built from `text` and `vision`."""
-    expected: dict[str, Any] = {}
-    for name, encoder in (("text", text), ("image", vision)):
-        if encoder is None:
-            continue
-        described = encoder.describe()
-        expected[name] = {"lower_fingerprint": described["lower_fingerprint"], "n_blocks": encoder.n_blocks,
-                          "split_block": encoder.n_blocks - encoder.spec.top_blocks}
-    return expected
+    entries = {"text": cache_io.encoder_entry(text), "image": cache_io.encoder_entry(vision)}
+    return cache_io.fitting_manifest(entries, tuple(name for name, entry in entries.items() if entry is not None))
 
 
 def open_item_store(path: Path, dataset: Any, expected: dict[str, Any], storage: cache_io.Storage = "auto",

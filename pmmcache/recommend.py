@@ -42,7 +42,6 @@ from pmmcache.runtime import check_device
 CATALOGUE_DIR = "catalogue"
 REGISTRY = "catalogue.json"
 REGISTRY_FORMAT = 1
-ENCODER_FIELDS = ("lower_fingerprint", "n_blocks", "split_block")  # what makes cached states fit a model
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -133,12 +132,6 @@ def _write_registry(run_dir: Path, entries: list[dict[str, Any]]) -> None:
     write_json(registry_path(run_dir), {"format": REGISTRY_FORMAT, "entries": entries})
 
 
-def _encoder_expectation(main_manifest: dict[str, Any], modalities: tuple[str, ...]) -> dict[str, Any]:
-    """What an added cache must say about the encoders of the modalities the model reads: the same
-    lower blocks as the cache the run was trained on."""
-    return {name: {f: main_manifest[name][f] for f in ENCODER_FIELDS} for name in modalities}
-
-
 def _open_addition(run_dir: Path, entry: dict[str, Any], expected: dict[str, Any],
                    device: torch.device) -> ItemStore:
     """The items of one registered addition, checked against the run's encoders."""
@@ -182,7 +175,8 @@ def build_catalogue(run_dir: Path, s: Any) -> Catalogue:
     entries = read_registry(run_dir)
     if entries:
         check_content_based(run_dir, to_dict(s.config))
-        expected = _encoder_expectation(s.store.reader.manifest, tuple(s.config.model.item_tower.modalities))
+        # added caches need the lower blocks of the cache the run was trained on, for every modality it reads
+        expected = cache_io.fitting_manifest(s.store.reader.manifest, tuple(s.config.model.item_tower.modalities))
         for entry in entries:
             store = _open_addition(run_dir, entry, expected, parts[0].device)
             parts.append(item_table(s.model, store)[1:])  # row 0 of each table is padding
@@ -334,7 +328,7 @@ def add_items(config: AddItemsConfig, show_progress: bool = True) -> AddResult:
         print("no --images: the new items are encoded from their text alone (image modality marked missing)")
     result = extract_dataset(dataset, _extract_config(s, config), path=path, show_progress=show_progress,
                              keep_modalities=True)
-    expected = _encoder_expectation(s.store.reader.manifest, modalities)
+    expected = cache_io.fitting_manifest(s.store.reader.manifest, modalities)
     entry = {"cache": name, "source": config.source, "items": dataset.num_items,
              "items_file": str(Path(config.items).resolve()),
              "images": str(Path(config.images).resolve()) if config.images is not None else None}
