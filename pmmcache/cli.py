@@ -131,6 +131,7 @@ def extract(config_file: str | None, settings: tuple[str, ...], **options: Any) 
     from pmmcache import extract as stage
 
     _quiet_libraries()
+    options["encoders"] = {k: options.pop(k, None) for k in (*ENCODER_OPTIONS, "modalities", "seed")}
     stage.run(build_config(stage.ExtractConfig, config_file, options, settings))
 
 

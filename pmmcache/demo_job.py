@@ -17,6 +17,7 @@ from pmmcache import cache as cache_io
 from pmmcache import extract, train
 from pmmcache.config import from_dict, to_dict
 from pmmcache.data.registry import demo_domains
+from pmmcache.encoders.config import EncoderConfig
 from pmmcache.errors import PmmcacheError
 from pmmcache.evaluate import random_ranking_hr
 from pmmcache.run_config import TrainConfig
@@ -68,7 +69,7 @@ def run(job: DemoJobConfig) -> dict[str, Any]:
     start = time.perf_counter()
     print("== 1/4 extract: every demo item through the frozen lower encoder blocks")
     extracted = extract.run(extract.ExtractConfig(dataset="demo", data_dir=job.data_dir, cache_dir=job.cache_dir,
-                                                  top_blocks=job.top_blocks))
+                                                  encoders=EncoderConfig(top_blocks=job.top_blocks)))
     domains = demo_domains(job.data_dir)
     sources = [d["name"] for d in domains if d["role"] == "source"]
     targets = [d["name"] for d in domains if d["role"] == "target"]

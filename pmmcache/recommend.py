@@ -292,7 +292,7 @@ def _extract_config(s: Any, config: AddItemsConfig) -> Any:
     storage dtypes of the cache it was trained on, so new items get states made the same way."""
     run = s.config
     manifest = s.store.reader.manifest
-    data = {**to_dict(run.encoders), "modalities": list(run.model.item_tower.modalities),
+    data = {"encoders": {**to_dict(run.encoders), "modalities": list(run.model.item_tower.modalities)},
             "dataset": run.cache_dataset or default_cache_dataset(run.dataset), "data_dir": str(run.data_dir),
             "cache_dir": str(run.cache_dir), "batch_size": config.batch_size, "num_workers": config.num_workers,
             "device": config.device, "dtype": manifest.get("compute_dtype", "float32")}

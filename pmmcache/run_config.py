@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pmmcache.data.prepare import PrepareConfig
+from pmmcache.encoders.config import EncoderConfig
 from pmmcache.errors import ConfigError
 from pmmcache.model import PMMRecConfig
 
@@ -39,8 +40,9 @@ BASELINES: dict[str, dict[str, Any]] = {
 class ObjectiveConfig:
     """Loss weights (0 switches a term off) and their settings. Fine-tuning uses DAP only.
 
-    `ablation` names one of Table VIII's variants and overrides the settings it changes (see
-    ABLATIONS), so a saved config says both the variant and what it meant.
+    `ablation` names one of Table VIII's variants and sets the settings it changes (see ABLATIONS), so
+    a saved config says both the variant and what it meant; another value given for one of them is an
+    error naming both.
     """
 
     dap: float = 1.0
@@ -75,8 +77,22 @@ class ObjectiveConfig:
     uniform_negatives: int = 256
     ablation: Literal["none", "no-nicl", "vcl-only", "icl-only", "no-nid", "no-rcl"] = "none"
 
+    @classmethod
+    def check_given(cls, given: dict[str, Any]) -> None:
+        """Refuse an ablation given together with another value of a setting it sets (`config.from_dict`)."""
+        ablation = given.get("ablation", "none")
+        for name, value in ABLATIONS.get(ablation, {}).items():
+            if name in given and given[name] != value:
+                raise ConfigError(f"objectives.ablation = {ablation} sets objectives.{name} = {value}, but "
+                                  f"objectives.{name} = {given[name]} is set too; drop one of them")
+
     def __post_init__(self) -> None:
+        defaults = ObjectiveConfig.__dataclass_fields__
         for name, value in ABLATIONS[self.ablation].items():
+            current = getattr(self, name)
+            if current != defaults[name].default and current != value:  # explicitly set (see also check_given)
+                raise ConfigError(f"objectives.ablation = {self.ablation} sets objectives.{name} = {value}, but "
+                                  f"objectives.{name} = {current} is set too; drop one of them")
             object.__setattr__(self, name, value)
         # `not x > 0` also refuses NaN, which would otherwise reach the loss and read as a divergence.
         if self.dap_temperature is not None and not 0 < self.dap_temperature < math.inf:
@@ -92,20 +108,6 @@ class ObjectiveConfig:
                 raise ConfigError(f"objectives.{name} = {getattr(self, name)}; must be in [0, 1]")
         if self.uniform_negatives < 1:
             raise ConfigError(f"objectives.uniform_negatives = {self.uniform_negatives}; must be >= 1")
-
-
-@dataclass(frozen=True)
-class EncoderChoice:
-    """Which encoders the model's top blocks come from; must match the cache's encoders."""
-
-    text_encoder: str | None = None
-    vision_encoder: str | None = None
-    vision_weights: str | None = None
-    top_blocks: int = 2
-    max_text_length: int = 50
-    image_size: int = 224
-    modalities: tuple[str, ...] = ("text", "image")
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ class TrainConfig:
     # Item modalities of the model (text-only / vision-only settings); None = the model's (or init's).
     # A single-modality model transfers only that modality's tower and needs only that modality's cache.
     modalities: tuple[str, ...] | None = None
-    encoders: EncoderChoice = field(default_factory=EncoderChoice)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)  # must match the cache's encoders
     model: PMMRecConfig = field(default_factory=PMMRecConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     epochs: int = 5
@@ -184,6 +186,10 @@ class TrainConfig:
             raise ConfigError("every objective weight is 0 (objectives.dap/nicl/nid/rcl): nothing to train")
         if self.select_metric not in {f"{m}@{k}" for k in self.ks for m in ("HR", "NDCG")}:
             raise ConfigError(f"select_metric {self.select_metric!r} must be HR@k or NDCG@k with k in {self.ks}")
+        if self.encoders.modalities != EncoderConfig().modalities:
+            raise ConfigError(f"encoders.modalities = {list(self.encoders.modalities)} is not a training setting: "
+                              "the model's modalities decide which encoders are loaded; set `modalities` "
+                              "(--modalities) for a single-modality model instead")
         if self.modalities is not None and (not self.modalities or not set(self.modalities) <= {"text", "image"}
                                             or len(set(self.modalities)) != len(self.modalities)):
             raise ConfigError(f"modalities = {self.modalities}; name text and/or image, once each")

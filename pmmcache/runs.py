@@ -10,6 +10,7 @@ transferring an earlier run's parts (`--init`), and the run directory's files.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,21 +22,20 @@ from accelerate import Accelerator
 from pmmcache.config import from_dict, load_file, to_dict
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, VisionEncoder
+from pmmcache.encoders.config import MODALITIES, EncoderConfig, encoder_specs
 from pmmcache.errors import ConfigError, DataError, PmmcacheError
-from pmmcache.extract import ExtractConfig, encoder_specs
 from pmmcache.files import settle_dir, settled_dir, write_json
 from pmmcache.items import (IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache,
                             open_item_store)
 from pmmcache.model import PMMRec, PMMRecConfig, build_pmmrec
 from pmmcache.model.pmmrec import read_parts_config
-from pmmcache.run_config import EncoderChoice, TrainConfig
+from pmmcache.run_config import TrainConfig
 from pmmcache.runtime import use_cpu
 
 
-def load_encoders(choice: EncoderChoice, cache_dataset: str) -> tuple[TextEncoder | None, VisionEncoder | None]:
+def load_encoders(encoders: EncoderConfig, cache_dataset: str) -> tuple[TextEncoder | None, VisionEncoder | None]:
     """The encoders whose top blocks the model trains (same defaults as `pmmcache extract`)."""
-    extract_config = ExtractConfig(dataset=cache_dataset, **{k: v for k, v in to_dict(choice).items()})
-    text_spec, vision_spec = encoder_specs(extract_config)
+    text_spec, vision_spec = encoder_specs(encoders, cache_dataset)
     return (TextEncoder.load(text_spec) if text_spec else None, VisionEncoder.load(vision_spec) if vision_spec else None)
 
 
@@ -87,7 +87,7 @@ def with_init_model(config: TrainConfig) -> TrainConfig:
     model = {**_narrowed(model, config.modalities), "nid_head": "nid" in config.weights}
     changes: dict[str, Any] = {"model": model}
     if model.get("items") == "id":  # an ID model reads no cache: encoder settings mean nothing to it
-        changes["encoders"] = to_dict(EncoderChoice())
+        changes["encoders"] = to_dict(EncoderConfig())
     return from_dict(TrainConfig, {**to_dict(config), **changes})
 
 
@@ -170,10 +170,9 @@ def setup(config: TrainConfig, device: torch.device) -> Setup:
         path = None
     else:
         cache_dataset = config.cache_dataset or default_cache_dataset(config.dataset)
-        wanted = set(model_config.item_tower.modalities)
-        choice = from_dict(EncoderChoice, {**to_dict(config.encoders),
-                                           "modalities": [m for m in ("text", "image") if m in wanted]})
-        text, vision = load_encoders(choice, cache_dataset)
+        wanted = set(model_config.item_tower.modalities)  # only the encoders of the model's modalities
+        encoders = dataclasses.replace(config.encoders, modalities=tuple(m for m in MODALITIES if m in wanted))
+        text, vision = load_encoders(encoders, cache_dataset)
         path = find_cache(Path(config.cache_dir), cache_dataset, text, vision)
         store = open_item_store(path, dataset, expected_manifest(text, vision), storage=config.storage,
                                 device=device)

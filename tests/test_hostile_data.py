@@ -27,6 +27,7 @@ from pmmcache import train
 from pmmcache.cli import main
 from pmmcache.config import from_dict
 from pmmcache.data.registry import resolve_dataset
+from pmmcache.encoders.config import EncoderConfig
 from pmmcache.errors import CacheCorruptError, CacheMismatchError, DataError, PmmcacheError
 from pmmcache.extract import ExtractConfig
 from pmmcache.extract import run as extract
@@ -86,9 +87,10 @@ def bert_dir(tmp_path_factory) -> Path:
 
 
 def extract_config(data_dir: Path, cache_dir: Path, bert_dir: Path, **overrides) -> ExtractConfig:
-    settings = dict(dataset=NAME, data_dir=data_dir, cache_dir=cache_dir, text_encoder=str(bert_dir),
-                    vision_encoder="pmmcache-tiny-vit", vision_weights="random", top_blocks=1, max_text_length=8,
-                    image_size=64, batch_size=4, num_workers=0, device="cpu")
+    encoders = EncoderConfig(text_encoder=str(bert_dir), vision_encoder="pmmcache-tiny-vit", vision_weights="random",
+                             top_blocks=1, max_text_length=8, image_size=64)
+    settings = dict(dataset=NAME, data_dir=data_dir, cache_dir=cache_dir, encoders=encoders, batch_size=4,
+                    num_workers=0, device="cpu")
     return ExtractConfig(**{**settings, **overrides})
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from pmmcache import extract, train
 from pmmcache.config import from_dict
+from pmmcache.encoders.config import EncoderConfig
 from pmmcache.encoders.hub import packaged_text_model_path
 from pmmcache.evaluate import random_ranking_hr
 
@@ -18,11 +19,11 @@ needs_minilm = pytest.mark.skipif(packaged_text_model_path() is None, reason="gt
 @needs_minilm
 def test_finetuning_on_a_demo_domain_beats_random_ranking_by_a_wide_margin(tmp_path):
     data, cache, runs = tmp_path / "data", tmp_path / "cache", tmp_path / "runs"
-    extract.run(extract.ExtractConfig(dataset="demo", data_dir=data, cache_dir=cache, top_blocks=1,
-                                      modalities=("text",)), show_progress=False)
+    extract.run(extract.ExtractConfig(dataset="demo", data_dir=data, cache_dir=cache,
+                                      encoders=EncoderConfig(top_blocks=1, modalities=("text",))), show_progress=False)
     config = from_dict(train.TrainConfig, {
         "stage": "finetune", "dataset": "demo/toys", "data_dir": str(data), "cache_dir": str(cache),
-        "runs_dir": str(runs), "run_name": "toys", "encoders": {"top_blocks": 1, "modalities": ["text"]},
+        "runs_dir": str(runs), "run_name": "toys", "encoders": {"top_blocks": 1},
         "model": {"item_tower": {"d_model": 64, "fusion_heads": 2, "pooling": "mean", "modality_vector": "mean",
                                  "modalities": ["text"]},
                   "user_encoder": {"d_model": 64}},

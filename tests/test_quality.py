@@ -21,6 +21,7 @@ import torch
 from pmmcache import extract, train
 from pmmcache.batches import prepare_batch
 from pmmcache.config import from_dict
+from pmmcache.encoders.config import EncoderConfig
 from pmmcache.encoders.hub import packaged_text_model_path
 from pmmcache.evaluate import popularity_ranking
 from pmmcache.model.item_tower import ItemTowerConfig
@@ -50,7 +51,8 @@ def wide(tmp_path_factory):
     encoders = {"text_encoder": str(text), "vision_encoder": str(vision), "vision_weights": "random",
                 "top_blocks": 1, "max_text_length": 16, "image_size": 64}
     extract.run(extract.ExtractConfig(dataset=NAME, data_dir=root / "data", cache_dir=root / "cache", batch_size=16,
-                                      num_workers=0, device="cpu", **encoders), show_progress=False)
+                                      num_workers=0, device="cpu", encoders=EncoderConfig(**encoders)),
+                show_progress=False)
     return root, encoders
 
 
@@ -136,12 +138,12 @@ def test_a_frozen_text_model_beats_popularity_on_real_movielens_data(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     name = movielens_subset(data)
     text = str(packaged_text_model_path())
-    extract.run(extract.ExtractConfig(dataset=name, data_dir=data, cache_dir=cache, text_encoder=text,
-                                      top_blocks=0, modalities=("text",), max_text_length=32), show_progress=False)
+    extract.run(extract.ExtractConfig(dataset=name, data_dir=data, cache_dir=cache, encoders=EncoderConfig(
+        text_encoder=text, top_blocks=0, modalities=("text",), max_text_length=32)), show_progress=False)
     config = from_dict(train.TrainConfig, {
         "stage": "finetune", "dataset": name, "data_dir": str(data), "cache_dir": str(cache),
         "runs_dir": str(tmp_path / "runs"), "run_name": "morec",
-        "encoders": {"text_encoder": text, "top_blocks": 0, "max_text_length": 32, "modalities": ["text"]},
+        "encoders": {"text_encoder": text, "top_blocks": 0, "max_text_length": 32},
         "model": {"item_tower": {"d_model": 32, "fusion_heads": 2, "pooling": "mean", "modality_vector": "mean",
                                  "modalities": ["text"]},
                   "user_encoder": {"d_model": 32, "n_heads": 2, "dropout": 0.2}},

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from pmmcache import train
 from pmmcache.cli import main, set_dotted
 from pmmcache.config import from_dict, to_dict
+from pmmcache.encoders.config import EncoderConfig
 from pmmcache.errors import CacheMismatchError, ConfigError, PmmcacheError
 from pmmcache.evaluate import evaluate_splits
 from pmmcache.extract import ExtractConfig
@@ -85,8 +86,9 @@ def make_toy(data_dir: Path) -> None:
 
 def extract_config(toy: Toy, bert_dir: Path | None = None, cache_dir: Path | None = None) -> ExtractConfig:
     return ExtractConfig(dataset=NAME, data_dir=toy.data_dir, cache_dir=cache_dir or toy.cache_dir,
-                         text_encoder=str(bert_dir or toy.bert_dir), vision_encoder="pmmcache-tiny-vit",
-                         vision_weights="random", top_blocks=K, max_text_length=TEXT_TOKENS, image_size=IMAGE_SIZE,
+                         encoders=EncoderConfig(text_encoder=str(bert_dir or toy.bert_dir),
+                                                vision_encoder="pmmcache-tiny-vit", vision_weights="random",
+                                                top_blocks=K, max_text_length=TEXT_TOKENS, image_size=IMAGE_SIZE),
                          batch_size=16, num_workers=0, device="cpu")
 
 
@@ -411,6 +413,7 @@ def test_a_nan_loss_stops_the_run_naming_the_last_good_checkpoint(toy, tmp_path,
     ("objectives.nicl_weight=0", "'nicl_weight' for ObjectiveConfig in objectives"),
     ("batch_size=eight", "batch_size: expected an integer"),
     ("encoders.top_blocks=two", "encoders.top_blocks: expected an integer"),
+    ("encoders.modalities=[text]", "encoders.modalities = ['text'] is not a training setting"),
     ("mask_history=maybe", "mask_history: expected true/false"),
     ("select_metric=HR@5", "select_metric 'HR@5'"),
     ("lr=nan", "lr must be a positive number"),

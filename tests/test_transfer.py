@@ -5,6 +5,7 @@ Runs reuse the tiny toy dataset and cache of test_train.py (2-block BERT + tiny 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -17,10 +18,11 @@ from safetensors.torch import load_file
 from pmmcache import train
 from pmmcache.config import from_dict, to_dict
 from pmmcache.corruption import corrupt_sequences
+from pmmcache.encoders.config import EncoderConfig
 from pmmcache.errors import ConfigError
 from pmmcache.extract import run as extract
 from pmmcache.objectives import catalogue_dap_loss
-from pmmcache.run_config import EncoderChoice, ObjectiveConfig, TrainConfig
+from pmmcache.run_config import ObjectiveConfig, TrainConfig
 from pmmcache.runs import Setup, setup, trained_setup
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -127,8 +129,9 @@ def test_single_modality_transfer_vector_is_the_pretrained_cls(modality, toy, me
 
 
 def test_a_text_only_model_needs_only_the_text_cache(toy, source_run, tmp_path):
-    extract(from_dict(type(extract_config(toy)), {**to_dict(extract_config(toy, cache_dir=tmp_path / "cache")),
-                                                  "modalities": ["text"]}), show_progress=False)
+    config = extract_config(toy, cache_dir=tmp_path / "cache")
+    extract(dataclasses.replace(config, encoders=dataclasses.replace(config.encoders, modalities=("text",))),
+            show_progress=False)
     assert len(list((tmp_path / "cache").rglob("*.h5"))) == 1
     config = train_config(toy, tmp_path / "runs", "text-only", stage="finetune", init=str(source_run),
                           modalities=["text"], cache_dir=str(tmp_path / "cache"), epochs=1)
@@ -177,6 +180,15 @@ def test_ablation_switches_change_the_loss_terms(ablation, terms, variant, toy, 
     losses = step_losses(s.model, config.objectives, s.store, config.weights)
     assert set(losses) == terms and all(torch.isfinite(v) for v in losses.values())
     assert variants == ([variant] if "nicl" in terms else [])
+
+
+def test_an_ablation_with_another_value_of_a_setting_it_sets_is_an_error_naming_both():
+    with pytest.raises(ConfigError, match=r"objectives.ablation = no-nicl sets objectives.nicl = 0.0, but "
+                                          r"objectives.nicl = 1.0 is set too"):
+        from_dict(ObjectiveConfig, {"ablation": "no-nicl", "nicl": 1})  # explicitly the default value
+    with pytest.raises(ConfigError, match=r"objectives.nicl_variant = vcl, but objectives.nicl_variant = icl"):
+        ObjectiveConfig(ablation="vcl-only", nicl_variant="icl")
+    assert from_dict(ObjectiveConfig, {"ablation": "no-nicl", "nicl": 0}).nicl == 0  # the same value agrees
 
 
 def test_pretraining_without_dap_trains_the_other_objectives_and_finetuning_needs_dap(toy, tmp_path):
@@ -233,7 +245,7 @@ def test_sasrec_id_baseline_trains_and_evaluates_in_the_same_loop(toy, tmp_path)
         objectives={"negatives": "catalogue"}, train_windows="all", epochs=2, lr=1e-2)
     result = train.run(config, show_progress=False)
     run_config = json.loads((result.run_dir / "config.json").read_text())
-    assert run_config["encoders"] == to_dict(EncoderChoice())  # unused by an ID model: not part of what it is
+    assert run_config["encoders"] == to_dict(EncoderConfig())  # unused by an ID model: not part of what it is
     parts = json.loads((result.run_dir / "best" / "config.json").read_text())["config"]
     assert parts["items"] == "id" and parts["num_items"] == 39
     assert set(saved(result.run_dir, "item_tower")) == {"embedding.weight"}
