@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from pmmcache import cache as cache_io
 from pmmcache import checkpoints as ckpt
-from pmmcache.batches import Prefetcher, prepare_batch, trim_padding
+from pmmcache.batches import Batch, Prefetcher, prepare_batch, trim_padding
 from pmmcache.config import from_dict, to_json
 from pmmcache.errors import ConfigError, PmmcacheError
 from pmmcache.evaluate import evaluate_splits, format_with_popularity, popularity_ranking
@@ -112,6 +112,44 @@ class TrainingStep(nn.Module):
                 losses["rcl"] = rcl_loss(masked_mean_pool(user_states, keep), masked_mean_pool(corrupted_states, keep),
                                          o.temperature, o.rcl_normalize)
         return losses
+
+
+def step_inputs(batch: Batch, device: torch.device) -> tuple[Any, ...]:
+    """`TrainingStep.forward`'s arguments from a prepared batch: (B, N) ids and (B, N) their positions
+    among the U unique items (on `device`), those items' states, then the NID and negative inputs."""
+    return (batch.ids.to(device), batch.inverse.to(device), batch.states, batch.corrupted_inverse, batch.labels,
+            batch.predict, batch.negative_ids, batch.negative_inverse)
+
+
+def make_optimizer(model: PMMRec, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over `optimizer_groups` and its learning-rate schedule (linear warmup over `warmup_steps`)."""
+    optimizer = torch.optim.AdamW(optimizer_groups(model, config), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0)
+    return optimizer, scheduler
+
+
+def train_step(step_module: nn.Module, inputs: tuple[Any, ...], weights: dict[str, float], accelerator: Accelerator,
+               optimizer: Any, scheduler: Any, grad_clip: float = 0.0) -> tuple[float, dict[str, torch.Tensor]]:
+    """One optimizer step, as `run` takes it and `pmmcache bench step` times it: the objectives under
+    the accelerator's autocast, their weighted sum read back once (the step's one host sync), backward
+    through the accelerator, gradient clipping (`grad_clip` > 0), optimizer and scheduler step.
+
+    `step_module`, `optimizer`, `scheduler` as `accelerator.prepare` returned them. Returns the loss and
+    each objective's loss; a non-finite loss takes no step (the caller decides: `run` stops naming the batch)."""
+    with accelerator.autocast():
+        losses = step_module(*inputs)
+        loss = sum(weights[name] * value for name, value in losses.items())
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        return loss_value, losses
+    accelerator.backward(loss)
+    if grad_clip > 0:
+        accelerator.clip_grad_norm_(step_module.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, losses
 
 
 def nonfinite_loss_cause(batch: Any, store: ItemStore | IdItems, model: PMMRec, keys: list[str],
@@ -293,9 +331,7 @@ def run(config: TrainConfig, show_progress: bool = True,
     log_pop = None  # in-batch DAP and NICL candidates are popularity-drawn: logQ needs their probabilities
     if config.objectives.logq and (config.objectives.negatives != "catalogue" or "nicl" in weights):
         log_pop = log_sampling_probability(dataset.train_item_counts())
-    optimizer = torch.optim.AdamW(optimizer_groups(model, config), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0)
+    optimizer, scheduler = make_optimizer(model, config)
     catalogue = None
     if config.objectives.negatives == "catalogue":  # inputs of items 1..N, encoded at every step
         catalogue = store.get(torch.arange(1, store.num_items + 1))
@@ -338,28 +374,18 @@ def run(config: TrainConfig, show_progress: bool = True,
             sequences, users, store, accelerator.device, corruption, generator, trim=trim_padding,
             predict=predict, uniform_negatives=uniform), enabled=config.prefetch)
         for step, (users, batch) in enumerate(zip(bar, prepared)):  # the batch is ready before its step
-            # (B, N) ids, (B, N) their positions among the U unique items, and those items' states
-            inputs = (batch.ids.to(accelerator.device), batch.inverse.to(accelerator.device), batch.states,
-                      batch.corrupted_inverse, batch.labels, batch.predict, batch.negative_ids, batch.negative_inverse)
+            inputs = step_inputs(batch, accelerator.device)
             if step == 0:  # each objective's pull on the model, once per epoch (metrics.jsonl)
                 with accelerator.autocast():
                     grad_norms = objective_gradient_norms(accelerator.unwrap_model(step_module), inputs)
-            with accelerator.autocast():
-                losses = step_module(*inputs)
-                loss = sum(weights[name] * value for name, value in losses.items())
-            loss_value = loss.item()  # the step's one host sync: the NaN guard and the progress bar need it
-            if not math.isfinite(loss_value):
+            loss_value, losses = train_step(step_module, inputs, weights, accelerator, optimizer, scheduler,
+                                            config.grad_clip)
+            if not math.isfinite(loss_value):  # no step was taken
                 raise PmmcacheError(
                     f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1} "
                     f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopped. "
                     f"The last good checkpoint is {ckpt.latest_checkpoint(checkpoints) or 'none (no epoch finished)'}. "
                     + nonfinite_loss_cause(batch, store, unwrapped, dataset.item_keys(), s.cache_path))
-            accelerator.backward(loss)
-            if config.grad_clip > 0:
-                accelerator.clip_grad_norm_(step_module.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             if on_step is not None:
                 on_step(epoch, step)
             for name, value in losses.items():
