@@ -155,3 +155,20 @@ def test_full_rank_and_cold_start_together_write_both_and_output_needs_one_mode(
     both = CliRunner().invoke(main, ["eval", "--run", str(trained_run), "--full-rank", "--cold-start",
                                      "--output", str(tmp_path / "x.json")])
     assert both.exit_code == 2 and "--output names one file" in both.stderr
+
+
+def test_a_trained_run_loads_strictly(trained_run, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pmmcache.errors import PmmcacheError
+    from pmmcache.runs import load_run
+
+    copy = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    path = copy / "best" / "user_encoder.safetensors"
+    tensors = load_file(str(path))
+    save_file({**tensors, "left_over.weight": torch.zeros(2)}, str(path))  # a key the model lacks
+    with pytest.raises(PmmcacheError, match=r"does not fit this model's user_encoder: .*unexpected left_over.weight"):
+        load_run(copy)
