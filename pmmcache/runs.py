@@ -118,6 +118,15 @@ def transfer_init(model: PMMRec, config: TrainConfig) -> dict[str, Any]:
             "not_used": {name: report.unexpected for name, report in reports.items() if report.unexpected}}
 
 
+def saved_settings(path: Path) -> dict[str, Any]:
+    """A run's config.json as TrainConfig settings. `encoders.modalities`, which training once ignored
+    (the model's modalities decide), is dropped: a run that recorded it still loads."""
+    data = load_file(path)
+    if isinstance(data.get("encoders"), dict):
+        data["encoders"] = {k: v for k, v in data["encoders"].items() if k != "modalities"}
+    return data
+
+
 def trained_setup(run_dir: Path, device: torch.device, **changes: Any) -> Setup:
     """The best model of a finished run with its dataset and item store (for eval, recommend, export).
 
@@ -128,7 +137,7 @@ def trained_setup(run_dir: Path, device: torch.device, **changes: Any) -> Setup:
     if not (best / "config.json").is_file():
         raise PmmcacheError(f"{run_dir} has no trained model (best/); train it first with `pmmcache train`")
     path = Path(run_dir) / "config.json"
-    data = load_file(path)
+    data = saved_settings(path)
     data.update({"init": None, "resume": False, "model": to_dict(read_parts_config(best)[0]), **changes})
     s = setup(from_dict(TrainConfig, data, where=str(path)), device)
     s.model.load_parts(best, parts=("item_tower", "user_encoder"))
@@ -196,7 +205,7 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
         if not config_path.is_file():
             raise PmmcacheError(f"--resume: no run at {run_dir} (no config.json)")
         # Through from_dict: settings added to TrainConfig after the run was made count as their defaults.
-        saved = to_dict(from_dict(TrainConfig, load_file(config_path), where=str(config_path)))
+        saved = to_dict(from_dict(TrainConfig, saved_settings(config_path), where=str(config_path)))
         current = to_dict(config)
         changed = sorted(k for k in saved.keys() | current.keys()
                          if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))

@@ -172,3 +172,16 @@ def test_a_trained_run_loads_strictly(trained_run, tmp_path):
     save_file({**tensors, "left_over.weight": torch.zeros(2)}, str(path))  # a key the model lacks
     with pytest.raises(PmmcacheError, match=r"does not fit this model's user_encoder: .*unexpected left_over.weight"):
         load_run(copy)
+
+
+def test_a_run_that_recorded_the_ignored_encoders_modalities_still_loads(trained_run, tmp_path):
+    import shutil
+
+    from pmmcache.runs import load_run
+
+    copy = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    config = json.loads((copy / "config.json").read_text())
+    config["encoders"]["modalities"] = ["text"]  # what `--set encoders.modalities=[text]` recorded (and training ignored)
+    (copy / "config.json").write_text(json.dumps(config))
+    s, _ = load_run(copy)
+    assert s.model.config.item_tower.modalities == ("text", "image")
