@@ -1,8 +1,8 @@
 """Runs: building a model, its dataset and its item store from a TrainConfig, loading a trained run,
 transferring an earlier run's parts (`--init`), and the run directory's files.
 
-`pmmcache.train` trains what `setup` builds; `pmmcache.evaluate`, `pmmcache.recommend` and
-`pmmcache.coldstart` read what `load_run` loads. Run directory `runs/<run>/`:
+`pmmcache.train` trains what `setup` builds; `pmmcache.evaluate` and `pmmcache.recommend` read what
+`load_run` loads. Run directory `runs/<run>/`:
     config.json          the resolved TrainConfig (`with_init_model`), what every loader rebuilds from
     metrics.jsonl        one line per epoch (`read_history`)
     checkpoints/epoch-N  written by `pmmcache.train` (see pmmcache/checkpoints.py)
@@ -161,6 +161,8 @@ def load_run(run_dir: Path, dataset: str | None = None, mask_history: bool = Tru
 
 
 def setup(config: TrainConfig, device: torch.device) -> Setup:
+    """The dataset, item store (the cache, checked against the encoders) and model `config` asks for;
+    with `init`, the parts `transfer` names loaded from that run (`transfer_init`)."""
     config = with_init_model(config)
     dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir), config.data)
     model_config = config.model
