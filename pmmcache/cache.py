@@ -70,6 +70,24 @@ FLAG_NAMES = {
 INFORMATIONAL_FIELDS = {"created_by", "extract", "text.resolved_path", "text.spec.name", "image.spec.name",
                         "image.weights_file"}
 
+# What a modality's cached states depend on as a model reads them: the lower blocks' weights and the
+# block they were cut at. A cache that agrees on these for every modality a model reads can feed it.
+FITTING_FIELDS = ("lower_fingerprint", "n_blocks", "split_block")
+
+
+def encoder_entry(encoder: Any) -> dict[str, Any] | None:
+    """The manifest's record of a text or vision encoder (None for none): its `describe()` and
+    `split_block`, the block whose input the cache holds."""
+    if encoder is None:
+        return None
+    return {**encoder.describe(), "split_block": encoder.n_blocks - encoder.spec.top_blocks}
+
+
+def fitting_manifest(entries: dict[str, Any], modalities: tuple[str, ...]) -> dict[str, Any]:
+    """What a cache must say about its encoders to feed a model reading `modalities`: the
+    FITTING_FIELDS of each modality's entry in `entries` (a manifest, or {"text": encoder_entry(...)})."""
+    return {name: {field: entries[name][field] for field in FITTING_FIELDS} for name in modalities}
+
 
 @dataclass(frozen=True)
 class ArraySpec:

@@ -113,7 +113,7 @@ def config_option(config: str, *decls: str, field: str | None = None, none_means
 
 
 EXTRACT = "pmmcache.extract:ExtractConfig"
-TRAIN = "pmmcache.train:TrainConfig"
+TRAIN = "pmmcache.run_config:TrainConfig"
 PREPARE = "pmmcache.data.prepare:PrepareConfig"
 RECOMMEND = "pmmcache.recommend:RecommendConfig"
 ADD_ITEMS = "pmmcache.recommend:AddItemsConfig"
@@ -245,8 +245,9 @@ def extraction_options(command: Any) -> Any:
 @config_option(EXTRACT, "--dataset", help=HELP["dataset"])
 @config_option(EXTRACT, "--data-dir", type=click.Path(file_okay=False), help=HELP["data_dir"])
 @config_option(EXTRACT, "--cache-dir", type=click.Path(file_okay=False), help=HELP["cache_dir"])
-@encoder_options(EXTRACT)
-@config_option(EXTRACT, "--modalities", help="Which modalities to extract: text,image | text | image.")
+@encoder_options(EXTRACT, prefix="encoders.")
+@config_option(EXTRACT, "--modalities", field="encoders.modalities",
+               help="Which modalities to extract: text,image | text | image.")
 @extraction_options
 @config_option(EXTRACT, "--device", help=HELP["device"])
 @config_option(EXTRACT, "--force", is_flag=True, default=None, help="Rebuild a cache that was made with other settings.")
@@ -260,7 +261,8 @@ def extract(config_file: str | None, settings: tuple[str, ...], **options: Any) 
     from pmmcache import extract as stage
 
     _quiet_libraries()
-    options["seed"] = options.pop("encoder_seed")
+    options["encoders"] = {field: options.pop(name, None) for name, field in ENCODER_OPTIONS.items()}
+    options["encoders"]["modalities"] = options.pop("modalities", None)
     stage.run(build_config(stage.ExtractConfig, config_file, options, settings))
 
 
@@ -345,6 +347,7 @@ def train(config_file: str | None, settings: tuple[str, ...], **options: Any) ->
     runs/<run>/ with config.json, metrics.jsonl, per-epoch checkpoints and best/ (safetensors).
     """
     from pmmcache import train as stage
+    from pmmcache.run_config import BASELINES, TrainConfig
 
     _quiet_libraries()
     options["encoders"] = {field: options.pop(name, None) for name, field in ENCODER_OPTIONS.items()}
@@ -354,8 +357,8 @@ def train(config_file: str | None, settings: tuple[str, ...], **options: Any) ->
         options["objectives"] = {"ablation": options["ablation"]}
     options.pop("ablation")
     baseline = options.pop("baseline")
-    preset = [f"{key}={value}" for key, value in stage.BASELINES[baseline].items()] if baseline else []
-    stage.run(build_config(stage.TrainConfig, config_file, options, tuple(preset) + settings))
+    preset = [f"{key}={value}" for key, value in BASELINES[baseline].items()] if baseline else []
+    stage.run(build_config(TrainConfig, config_file, options, tuple(preset) + settings))
 
 
 @main.command("eval")
@@ -372,19 +375,13 @@ def eval_(run_dir: str, full_rank: bool, cold_start: bool, cold_threshold: int, 
 
     --full-rank (the default) scores valid and test; --cold-start scores the cold-item cases; give both
     for both."""
-    from pmmcache import coldstart
     from pmmcache import evaluate as stage
 
-    if full_rank and cold_start and output:
-        raise ConfigError("--output names one file: give it with only one of --full-rank / --cold-start")
     _quiet_libraries()
-    loaded = stage.load_run(Path(run_dir), dataset, not no_mask_history)  # once, for both modes
-    if full_rank or not cold_start:
-        stage.run_cli(Path(run_dir), dataset=dataset, mask_history=not no_mask_history,
-                      output=Path(output) if output else None, loaded=loaded)
-    if cold_start:
-        coldstart.evaluate_run(Path(run_dir), threshold=cold_threshold, mask_history=not no_mask_history,
-                               output=output, dataset=dataset, show=True, loaded=loaded)
+    stage.run(from_dict(stage.EvalConfig, {
+        "run": run_dir, "full_rank": full_rank or not cold_start, "cold_start": cold_start,
+        "cold_threshold": cold_threshold, "dataset": dataset, "mask_history": not no_mask_history,
+        "output": output}))
 
 
 _RUN = click.option("--run", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run directory (runs/<run>).")

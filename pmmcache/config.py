@@ -111,16 +111,28 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build config `cls` from `data`; unknown keys and wrong types raise ConfigError naming them."""
+    """Build config `cls` from `data`; unknown keys and wrong types raise ConfigError naming them.
+
+    A class may list `MOVED_SETTINGS` (old key -> dotted new name): such a key is refused naming where
+    it went. A class may define `check_given(data)` to refuse settings that conflict when given together
+    (a default cannot be told from an explicit value after construction)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    moved = [key for key in unknown if key in getattr(cls, "MOVED_SETTINGS", {})]  # renamed since configs were saved
+    if moved:
+        prefix = f"{where}." if where else ""
+        raise ConfigError("; ".join(f"setting {prefix}{key} is now {prefix}{cls.MOVED_SETTINGS[key]}" for key in moved)
+                          + f" ({cls.__name__}): set it there instead")
     if unknown:
         raise ConfigError(
             f"unknown setting(s) {', '.join(repr(u) for u in unknown)} for {cls.__name__}"
             f"{' in ' + where if where else ''}; known: {', '.join(sorted(names))}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+    check_given = getattr(cls, "check_given", None)
+    if check_given is not None:
+        check_given(kwargs)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:

@@ -17,8 +17,10 @@ from pmmcache import cache as cache_io
 from pmmcache import extract, train
 from pmmcache.config import from_dict, to_dict
 from pmmcache.data.registry import demo_domains
+from pmmcache.encoders.config import EncoderConfig
 from pmmcache.errors import PmmcacheError
 from pmmcache.evaluate import random_ranking_hr
+from pmmcache.run_config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class DemoJobConfig:
     max_steps_per_epoch: int = 0  # 0 = whole epochs; small values make a smoke run
 
 
-def train_config(job: DemoJobConfig, **fields: Any) -> train.TrainConfig:
+def train_config(job: DemoJobConfig, **fields: Any) -> TrainConfig:
     """The TrainConfig of one of the demo's runs: the job's shared settings plus `fields`."""
     d = job.d_model
     data = {
@@ -60,14 +62,14 @@ def train_config(job: DemoJobConfig, **fields: Any) -> train.TrainConfig:
         "max_steps_per_epoch": job.max_steps_per_epoch, "train_windows": "all",  # every training item a target
         **fields,
     }
-    return from_dict(train.TrainConfig, data)
+    return from_dict(TrainConfig, data)
 
 
 def run(job: DemoJobConfig) -> dict[str, Any]:
     start = time.perf_counter()
     print("== 1/4 extract: every demo item through the frozen lower encoder blocks")
     extracted = extract.run(extract.ExtractConfig(dataset="demo", data_dir=job.data_dir, cache_dir=job.cache_dir,
-                                                  top_blocks=job.top_blocks))
+                                                  encoders=EncoderConfig(top_blocks=job.top_blocks)))
     domains = demo_domains(job.data_dir)
     sources = [d["name"] for d in domains if d["role"] == "source"]
     targets = [d["name"] for d in domains if d["role"] == "target"]
@@ -77,10 +79,10 @@ def run(job: DemoJobConfig) -> dict[str, Any]:
     source_spec = ",".join(f"demo/{s}" for s in sources)
     target_spec = f"demo/{target}"
 
-    def fresh_or_resumed(config: train.TrainConfig) -> train.TrainResult:
+    def fresh_or_resumed(config: TrainConfig) -> train.TrainResult:
         run_dir = Path(config.runs_dir) / config.run_name
         resume = (run_dir / "config.json").is_file()
-        return train.run(from_dict(train.TrainConfig, {**to_dict(config), "resume": resume}))
+        return train.run(from_dict(TrainConfig, {**to_dict(config), "resume": resume}))
 
     print(f"== 2/4 pre-train on the source domains {', '.join(sources)} (DAP + NICL + NID + RCL)")
     pretrained = fresh_or_resumed(train_config(job, stage="pretrain", dataset=source_spec, run_name="pretrain",

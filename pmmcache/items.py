@@ -19,6 +19,7 @@ import torch
 from pmmcache import cache as cache_io
 from pmmcache.encoders import TextEncoder, VisionEncoder
 from pmmcache.errors import CacheMismatchError, PmmcacheError
+from pmmcache.extract import cache_key, cache_path
 from pmmcache.integrity import check_sample
 
 SHOWN = 5  # changed items named in a message; the rest are counted
@@ -34,8 +35,6 @@ def find_cache(cache_dir: Path, cache_dataset: str, text: TextEncoder | None, vi
     """The cache file for these encoders: the one named by their key, else any cache of the dataset
     whose manifest matches them (e.g. a text-only model reads the text part of a text+image cache, and
     any model reads an int8 cache, `<key>+int8.h5`, when there is no float16 one)."""
-    from pmmcache.extract import cache_key, cache_path
-
     path = cache_path(cache_dir, cache_dataset, cache_key(text.spec if text else None, vision.spec if vision else None))
     if path.is_file():
         return path
@@ -53,14 +52,8 @@ def find_cache(cache_dir: Path, cache_dataset: str, text: TextEncoder | None, vi
 
 def expected_manifest(text: TextEncoder | None, vision: VisionEncoder | None) -> dict[str, Any]:
     """What a cache must say about its encoders to feed a model built from `text` and `vision`."""
-    expected: dict[str, Any] = {}
-    for name, encoder in (("text", text), ("image", vision)):
-        if encoder is None:
-            continue
-        described = encoder.describe()
-        expected[name] = {"lower_fingerprint": described["lower_fingerprint"], "n_blocks": encoder.n_blocks,
-                          "split_block": encoder.n_blocks - encoder.spec.top_blocks}
-    return expected
+    entries = {"text": cache_io.encoder_entry(text), "image": cache_io.encoder_entry(vision)}
+    return cache_io.fitting_manifest(entries, tuple(name for name, entry in entries.items() if entry is not None))
 
 
 def open_item_store(path: Path, dataset: Any, expected: dict[str, Any], storage: cache_io.Storage = "auto",

@@ -27,16 +27,21 @@ import torch
 
 from pmmcache import cache as cache_io
 from pmmcache.config import from_dict, load_file, to_dict
+from pmmcache.data.images import open_image_path
+from pmmcache.data.prepare import ITEM_SCHEMA, USER_SCHEMA, PrepareConfig, PreparedDataset, check_source_name
+from pmmcache.data.readers import read_pmmrec_texts
 from pmmcache.errors import ConfigError, PmmcacheError
+from pmmcache.evaluate import item_table
+from pmmcache.extract import ExtractConfig, extract_dataset
 from pmmcache.files import write_json
 from pmmcache.integrity import check_sample
-from pmmcache.items import ItemStore
+from pmmcache.items import ItemStore, default_cache_dataset
+from pmmcache.runs import load_run
 from pmmcache.runtime import check_device
 
 CATALOGUE_DIR = "catalogue"
 REGISTRY = "catalogue.json"
 REGISTRY_FORMAT = 1
-ENCODER_FIELDS = ("lower_fingerprint", "n_blocks", "split_block")  # what makes cached states fit a model
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -127,12 +132,6 @@ def _write_registry(run_dir: Path, entries: list[dict[str, Any]]) -> None:
     write_json(registry_path(run_dir), {"format": REGISTRY_FORMAT, "entries": entries})
 
 
-def _encoder_expectation(main_manifest: dict[str, Any], modalities: tuple[str, ...]) -> dict[str, Any]:
-    """What an added cache must say about the encoders of the modalities the model reads: the same
-    lower blocks as the cache the run was trained on."""
-    return {name: {f: main_manifest[name][f] for f in ENCODER_FIELDS} for name in modalities}
-
-
 def _open_addition(run_dir: Path, entry: dict[str, Any], expected: dict[str, Any],
                    device: torch.device) -> ItemStore:
     """The items of one registered addition, checked against the run's encoders."""
@@ -168,9 +167,7 @@ class Catalogue:
 
 
 def build_catalogue(run_dir: Path, s: Any) -> Catalogue:
-    """The catalogue of a loaded run (`evaluate.load_run`): its dataset's items, then every addition."""
-    from pmmcache.evaluate import item_table
-
+    """The catalogue of a loaded run (`runs.load_run`): its dataset's items, then every addition."""
     was_training = s.model.training
     s.model.eval()
     keys = list(s.dataset.item_keys())
@@ -178,7 +175,8 @@ def build_catalogue(run_dir: Path, s: Any) -> Catalogue:
     entries = read_registry(run_dir)
     if entries:
         check_content_based(run_dir, to_dict(s.config))
-        expected = _encoder_expectation(s.store.reader.manifest, tuple(s.config.model.item_tower.modalities))
+        # added caches need the lower blocks of the cache the run was trained on, for every modality it reads
+        expected = cache_io.fitting_manifest(s.store.reader.manifest, tuple(s.config.model.item_tower.modalities))
         for entry in entries:
             store = _open_addition(run_dir, entry, expected, parts[0].device)
             parts.append(item_table(s.model, store)[1:])  # row 0 of each table is padding
@@ -200,8 +198,6 @@ class Recommender:
     """A run's best model and its catalogue, loaded once; `recommend` serves any number of histories."""
 
     def __init__(self, run_dir: str | Path):
-        from pmmcache.evaluate import load_run
-
         self.run_dir = Path(run_dir)
         s, _ = load_run(self.run_dir, storage="memmap")  # each item is read once, for the table
         self.model = s.model
@@ -252,14 +248,10 @@ class AddResult:
 
 def new_items_dataset(items_file: Path, images: Path | None, source: str) -> Any:
     """The new items as a prepared dataset without users: what stage 1 extracts."""
-    from pmmcache.data.images import open_image_path
-    from pmmcache.data.prepare import ITEM_SCHEMA, USER_SCHEMA, PrepareConfig, PreparedDataset, check_source_name
-    from pmmcache.data.readers import _read_pmmrec_texts
-
     check_source_name(source)
     if not Path(items_file).is_file():
         raise PmmcacheError(f"items file {items_file} not found (expected `item \\t text` per line)")
-    texts = _read_pmmrec_texts(Path(items_file))
+    texts = read_pmmrec_texts(Path(items_file))
     if not texts:
         raise PmmcacheError(f"{items_file} lists no items")
     store = open_image_path(images) if images is not None else None
@@ -298,12 +290,9 @@ def _check_collisions(run_dir: Path, new_keys: list[str], trained_keys: list[str
 def _extract_config(s: Any, config: AddItemsConfig) -> Any:
     """The run's stage-1 settings: its encoders and cache dataset (config.json), and the compute and
     storage dtypes of the cache it was trained on, so new items get states made the same way."""
-    from pmmcache.extract import ExtractConfig
-    from pmmcache.items import default_cache_dataset
-
     run = s.config
     manifest = s.store.reader.manifest
-    data = {**to_dict(run.encoders), "modalities": list(run.model.item_tower.modalities),
+    data = {"encoders": {**to_dict(run.encoders), "modalities": list(run.model.item_tower.modalities)},
             "dataset": run.cache_dataset or default_cache_dataset(run.dataset), "data_dir": str(run.data_dir),
             "cache_dir": str(run.cache_dir), "batch_size": config.batch_size, "num_workers": config.num_workers,
             "device": config.device, "dtype": manifest.get("compute_dtype", "float32")}
@@ -318,8 +307,6 @@ def add_items(config: AddItemsConfig, show_progress: bool = True) -> AddResult:
     Re-adding the same items file does nothing (or finishes an interrupted extraction); a key that is
     already in the catalogue (the run's dataset or another addition) is an error.
     """
-    from pmmcache.evaluate import load_run
-    from pmmcache.extract import extract_dataset
 
     run_dir = Path(config.run)
     check_content_based(run_dir, run_config(run_dir))
@@ -341,7 +328,7 @@ def add_items(config: AddItemsConfig, show_progress: bool = True) -> AddResult:
         print("no --images: the new items are encoded from their text alone (image modality marked missing)")
     result = extract_dataset(dataset, _extract_config(s, config), path=path, show_progress=show_progress,
                              keep_modalities=True)
-    expected = _encoder_expectation(s.store.reader.manifest, modalities)
+    expected = cache_io.fitting_manifest(s.store.reader.manifest, modalities)
     entry = {"cache": name, "source": config.source, "items": dataset.num_items,
              "items_file": str(Path(config.items).resolve()),
              "images": str(Path(config.images).resolve()) if config.images is not None else None}

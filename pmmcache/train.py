@@ -18,9 +18,10 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,201 +32,18 @@ from tqdm.auto import tqdm
 
 from pmmcache import cache as cache_io
 from pmmcache import checkpoints as ckpt
-from pmmcache.batches import Prefetcher, prepare_batch, trim_padding
-from pmmcache.config import from_dict, load_file, to_dict, to_json
-from pmmcache.data.prepare import PrepareConfig
-from pmmcache.data.registry import resolve_dataset
-from pmmcache.encoders import TextEncoder, VisionEncoder
-from pmmcache.errors import ConfigError, DataError, PmmcacheError
-from pmmcache.files import replace_dir, settle_dir, settled_dir, write_json, write_text_atomic
+from pmmcache.batches import Batch, Prefetcher, prepare_batch, trim_padding
+from pmmcache.config import from_dict, to_json
+from pmmcache.errors import ConfigError, PmmcacheError
 from pmmcache.evaluate import evaluate_splits, format_with_popularity, popularity_ranking
-from pmmcache.items import (IdItems, ItemStore, default_cache_dataset, expected_manifest, find_cache, nonfinite_items,
-                            open_item_store)
-from pmmcache.model import PMMRec, PMMRecConfig, build_pmmrec
-from pmmcache.model.pmmrec import read_parts_config
-from pmmcache.runtime import use_cpu
+from pmmcache.files import replace_dir, write_json, write_text_atomic
+from pmmcache.items import IdItems, ItemStore, nonfinite_items
+from pmmcache.model import PMMRec
 from pmmcache.objectives import catalogue_dap_loss, dap_loss, masked_mean_pool, nicl_loss, nid_loss, rcl_loss
-
-
-# Table VIII's ablations of pre-training, as the objective settings each one changes.
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "none": {},
-    "no-nicl": {"nicl": 0.0},  # w/o NACL: no cross-modal contrastive term
-    "vcl-only": {"nicl_variant": "vcl"},  # only VCL (eq. 6): inter-modality negatives only
-    "icl-only": {"nicl_variant": "icl"},  # only ICL (eq. 7): no next-item positives
-    "no-nid": {"nid": 0.0},
-    "no-rcl": {"rcl": 0.0},
-}
-
-
-# Baselines of the paper's tables, as settings (dotted keys) trained by this same loop and evaluator.
-BASELINES: dict[str, dict[str, Any]] = {
-    # ID-based SASRec: one embedding per item, cross-entropy over all items (as RecBole trains it).
-    "sasrec": {"model.items": "id", "objectives.negatives": "catalogue"},
-    # MoRec++ (paper IV-B): multimodal towers, late fusion of the two pooled modalities, DAP only.
-    "morec++": {"model.item_tower.fusion": "concat", "objectives.nicl": 0, "objectives.nid": 0, "objectives.rcl": 0},
-}
-
-
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """Loss weights (0 switches a term off) and their settings. Fine-tuning uses DAP only.
-
-    `ablation` names one of Table VIII's variants and overrides the settings it changes (see
-    ABLATIONS), so a saved config says both the variant and what it meant.
-    """
-
-    dap: float = 1.0
-    nicl: float = 1.0
-    nid: float = 1.0
-    rcl: float = 1.0
-    nicl_variant: Literal["nicl", "icl", "vcl"] = "nicl"  # VCL (eq. 6) / ICL (eq. 7) for ablation
-    nicl_next_in_denominator: bool = False  # False: eq. 8 as printed
-    # NICL and RCL: exp(a.b / temperature) on unit vectors. Paper: 1, where cosines in [-1, 1] give a
-    # nearly flat softmax and almost no gradient (RCL sat at chance, NICL at 1/60 of DAP's gradient
-    # norm); 0.1 is in CLIP's range (its learned temperature starts at 0.07).
-    temperature: float = 0.1
-    nid_relu: bool = False  # True: eq. 10 as printed, softmax over ReLU'd logits (cannot rule a class out)
-    # DAP logits are h.e / dap_temperature. None = automatic: sqrt(d) for content items (scaled dot
-    # product: post-LN vectors have norm ~sqrt(d), so raw logits have std ~sqrt(d) and the loss
-    # starts saturated, 87 instead of ln #candidates at d = 768), 1 for ID items (RecBole: their
-    # N(0, 0.02) embeddings start small). 1 = the paper's raw dot product.
-    dap_temperature: float | None = None
-    # logQ correction of sampled negatives (released code): in-batch candidates are drawn in
-    # proportion to popularity, and without it the model learns a popularity-discounted score. It
-    # applies to DAP with "in_batch" or "mixed" negatives (the full softmax, "catalogue", needs none)
-    # and to NICL, whose negatives are always in-batch items. False = eq. 5 and 8 as printed.
-    logq: bool = True
-    shuffle_fraction: float = 0.15
-    replace_fraction: float = 0.05
-    rcl_normalize: bool = True
-    # DAP candidates: "in_batch" = the paper's eq. 5 (items of the batch but the user's own);
-    # "mixed" = those plus `uniform_negatives` items drawn uniformly from the catalogue per step;
-    # "catalogue" = every catalogue item, cross-entropy over all items (RecBole's SASRec; with k = 0
-    # the content item table is cheap enough for small catalogues).
-    negatives: Literal["in_batch", "mixed", "catalogue"] = "in_batch"
-    uniform_negatives: int = 256
-    ablation: Literal["none", "no-nicl", "vcl-only", "icl-only", "no-nid", "no-rcl"] = "none"
-
-    def __post_init__(self) -> None:
-        for name, value in ABLATIONS[self.ablation].items():
-            object.__setattr__(self, name, value)
-        # `not x > 0` also refuses NaN, which would otherwise reach the loss and read as a divergence.
-        if self.dap_temperature is not None and not 0 < self.dap_temperature < math.inf:
-            raise ConfigError(f"objectives.dap_temperature = {self.dap_temperature}; must be a positive number "
-                              "(or unset)")
-        if not 0 < self.temperature < math.inf:
-            raise ConfigError(f"objectives.temperature = {self.temperature}; must be a positive number")
-        for name in ("dap", "nicl", "nid", "rcl"):  # a NaN or negative weight would silently switch a term off
-            if not 0 <= getattr(self, name) < math.inf:
-                raise ConfigError(f"objectives.{name} = {getattr(self, name)}; a weight must be >= 0 (0 = off)")
-        for name in ("shuffle_fraction", "replace_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"objectives.{name} = {getattr(self, name)}; must be in [0, 1]")
-        if self.uniform_negatives < 1:
-            raise ConfigError(f"objectives.uniform_negatives = {self.uniform_negatives}; must be >= 1")
-
-
-@dataclass(frozen=True)
-class EncoderChoice:
-    """Which encoders the model's top blocks come from; must match the cache's encoders."""
-
-    text_encoder: str | None = None
-    vision_encoder: str | None = None
-    vision_weights: str | None = None
-    top_blocks: int = 2
-    max_text_length: int = 50
-    image_size: int = 224
-    modalities: tuple[str, ...] = ("text", "image")
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    stage: Literal["pretrain", "finetune"] = "pretrain"
-    dataset: str = "demo"  # comma-separated names combine sources (multi-source pre-training)
-    cache_dataset: str | None = None  # which extracted cache to read; default: the dataset's base name
-    data: PrepareConfig = field(default_factory=PrepareConfig)  # how the dataset is prepared (k-core, history)
-    data_dir: Path = Path("data")
-    cache_dir: Path = Path("cache")
-    runs_dir: Path = Path("runs")
-    run_name: str | None = None  # default: <stage>-<dataset>
-    init: str | None = None  # a run directory (or its best/ folder) to start from
-    # What `init` transfers (paper III-E, Table V): "full" = item towers and user encoder; "item" =
-    # item towers (top blocks, projections, fusion), user encoder fresh; "user" = user encoder, item
-    # towers fresh from the original pretrained encoders.
-    transfer: Literal["full", "item", "user"] = "full"
-    # Item modalities of the model (text-only / vision-only settings); None = the model's (or init's).
-    # A single-modality model transfers only that modality's tower and needs only that modality's cache.
-    modalities: tuple[str, ...] | None = None
-    encoders: EncoderChoice = field(default_factory=EncoderChoice)
-    model: PMMRecConfig = field(default_factory=PMMRecConfig)
-    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    epochs: int = 5
-    batch_size: int = 32  # users per process
-    lr: float = 1e-4
-    encoder_lr: float = 0.0  # learning rate of the top encoder blocks; 0 = lr (paper: one lr for all)
-    # Learning rate of the heads loaded from `init` (projections, fusion, user encoder); 0 = lr. A lower
-    # one (with warmup_steps) keeps fine-tuning from throwing the transferred start away.
-    init_lr: float = 0.0
-    weight_decay: float = 0.1  # projections, fusion, user encoder; encoder blocks get 0
-    warmup_steps: int = 0
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 on CUDA, else no
-    max_len: int = 20  # sequence positions fed to the user encoder (history length)
-    # "last": each user's last max_len + 1 training items (released code); "all": every training
-    # sequence cut into windows of max_len + 1, so every training item is a target once (RecBole-like).
-    train_windows: Literal["last", "all"] = "last"
-    # With train_windows = all: windows start every `train_window_stride` items (0 = max_len: no
-    # overlap). Each target still counts once, in the window where it has the longest history, so a
-    # smaller stride gives targets more history (1: all max_len items, as RecBole's prefixes) at the
-    # cost of ~max_len / stride times more windows per epoch.
-    train_window_stride: int = 0
-    select_metric: str = "NDCG@10"
-    patience: int = 3  # epochs without improvement before stopping
-    ks: tuple[int, ...] = (10, 20, 50)
-    mask_history: bool = True
-    storage: Literal["auto", "memmap", "ram", "gpu"] = "auto"
-    prefetch: bool = True  # prepare the next batch on a background thread while the step runs
-    max_steps_per_epoch: int = 0  # 0 = the whole epoch
-    seed: int = 42
-    resume: bool = False
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2:
-            raise ConfigError("epochs must be >= 1 and batch_size >= 2 (in-batch negatives need other users)")
-        if not 0 <= self.train_window_stride <= self.max_len:
-            raise ConfigError(f"train_window_stride = {self.train_window_stride}; must be in [1, max_len = "
-                              f"{self.max_len}] (or 0 for max_len)")
-        if not (self.lr > 0 and self.init_lr >= 0 and self.encoder_lr >= 0 and math.isfinite(self.lr + self.init_lr
-                                                                                             + self.encoder_lr)):
-            raise ConfigError(f"lr = {self.lr}, encoder_lr = {self.encoder_lr}, init_lr = {self.init_lr}: lr must be "
-                              "a positive number, encoder_lr and init_lr >= 0 (0 = lr)")
-        for name in ("warmup_steps", "max_steps_per_epoch", "grad_clip", "weight_decay"):
-            value = getattr(self, name)
-            if not value >= 0:  # also refuses NaN
-                raise ConfigError(f"{name} = {value}; must be >= 0")
-        if self.patience < 1 or self.max_len < 1:
-            raise ConfigError(f"patience = {self.patience}, max_len = {self.max_len}: both must be >= 1")
-        if self.train_window_stride and self.train_windows != "all":
-            raise ConfigError("train_window_stride needs train_windows = all")
-        if self.stage == "finetune" and not self.objectives.dap > 0:
-            raise ConfigError(f"objectives.dap = {self.objectives.dap}: fine-tuning trains DAP alone, so its weight "
-                              "must be positive")
-        if not self.weights:
-            raise ConfigError("every objective weight is 0 (objectives.dap/nicl/nid/rcl): nothing to train")
-        if self.select_metric not in {f"{m}@{k}" for k in self.ks for m in ("HR", "NDCG")}:
-            raise ConfigError(f"select_metric {self.select_metric!r} must be HR@k or NDCG@k with k in {self.ks}")
-        if self.modalities is not None and (not self.modalities or not set(self.modalities) <= {"text", "image"}
-                                            or len(set(self.modalities)) != len(self.modalities)):
-            raise ConfigError(f"modalities = {self.modalities}; name text and/or image, once each")
-
-    @property
-    def weights(self) -> dict[str, float]:
-        o = self.objectives
-        if self.stage == "finetune":
-            return {"dap": o.dap}
-        return {name: w for name, w in (("dap", o.dap), ("nicl", o.nicl), ("nid", o.nid), ("rcl", o.rcl)) if w > 0}
+from pmmcache.run_config import ObjectiveConfig, TrainConfig
+from pmmcache.runs import (TRANSFER_PARTS, best_dir, prepare_run_dir, read_history, run_directory, setup,
+                           with_init_model)
+from pmmcache.runtime import use_cpu
 
 
 class TrainingStep(nn.Module):
@@ -294,6 +112,45 @@ class TrainingStep(nn.Module):
                 losses["rcl"] = rcl_loss(masked_mean_pool(user_states, keep), masked_mean_pool(corrupted_states, keep),
                                          o.temperature, o.rcl_normalize)
         return losses
+
+
+def step_inputs(batch: Batch, device: torch.device) -> tuple[Any, ...]:
+    """`TrainingStep.forward`'s arguments from a prepared batch: (B, N) ids and (B, N) their positions
+    among the U unique items (on `device`), those items' states, then the NID and negative inputs."""
+    return (batch.ids.to(device), batch.inverse.to(device), batch.states, batch.corrupted_inverse, batch.labels,
+            batch.predict, batch.negative_ids, batch.negative_inverse)
+
+
+def make_optimizer(model: PMMRec, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over `optimizer_groups` and its learning-rate schedule (linear warmup over `warmup_steps`)."""
+    optimizer = torch.optim.AdamW(optimizer_groups(model, config), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0)
+    return optimizer, scheduler
+
+
+def train_step(step_module: nn.Module, inputs: tuple[Any, ...], weights: dict[str, float], accelerator: Accelerator,
+               optimizer: Any, scheduler: Any, grad_clip: float = 0.0) -> tuple[float, dict[str, torch.Tensor]]:
+    """One optimizer step, as `run` takes it and `pmmcache bench step` times it: the objectives under
+    the accelerator's autocast, their weighted sum read back once (the step's one host sync), backward
+    through the accelerator, gradient clipping (`grad_clip` > 0), optimizer and scheduler step.
+
+    `step_module`, `optimizer`, `scheduler` as `accelerator.prepare` returned them. Returns the loss and
+    each objective's loss; a non-finite loss takes no step (the caller decides: `run` stops naming the batch)."""
+    with accelerator.autocast():
+        losses = step_module(*inputs)
+        loss = sum(weights[name] * value for name, value in losses.items())
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        return loss_value, losses
+    accelerator.backward(loss)
+    if grad_clip > 0:
+        accelerator.clip_grad_norm_(step_module.parameters(), grad_clip)
+    optimizer.step()
+    if not optimizer.step_was_skipped:  # an fp16 overflow skips the step: the schedule waits too
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, losses
 
 
 def nonfinite_loss_cause(batch: Any, store: ItemStore | IdItems, model: PMMRec, keys: list[str],
@@ -436,147 +293,10 @@ def epoch_batches(num_users: int, batch_size: int, epoch: int, seed: int, rank: 
     return [order[s * global_size + rank * batch_size: s * global_size + (rank + 1) * batch_size] for s in range(steps)]
 
 
-def load_encoders(choice: EncoderChoice, cache_dataset: str) -> tuple[TextEncoder | None, VisionEncoder | None]:
-    """The encoders whose top blocks the model trains (same defaults as `pmmcache extract`)."""
-    from pmmcache.extract import ExtractConfig, encoder_specs
-
-    extract_config = ExtractConfig(dataset=cache_dataset, **{k: v for k, v in to_dict(choice).items()})
-    text_spec, vision_spec = encoder_specs(extract_config)
-    return (TextEncoder.load(text_spec) if text_spec else None, VisionEncoder.load(vision_spec) if vision_spec else None)
-
-
-@dataclass
-class Setup:
-    """Everything a training or evaluation run needs, resolved from a TrainConfig."""
-
-    config: TrainConfig
-    dataset: Any
-    store: ItemStore | IdItems
-    model: PMMRec
-    cache_path: Path | None  # None for an ID-based model (no cache)
-    transfer: dict[str, Any] | None = None  # what `init` loaded into which part (see `transfer_init`)
-
-
-def resolve_init_dir(init: str, runs_dir: Path) -> Path:
-    """A run name, a run directory or a parts directory -> the directory holding the model parts."""
-    for candidate in (Path(init), Path(runs_dir) / init):
-        best = settled_dir(candidate / "best")
-        if best is not None and (best / "config.json").is_file():
-            return best
-        if (candidate / "config.json").is_file() and (candidate / "item_tower.safetensors").is_file():
-            return candidate
-    raise PmmcacheError(f"--init {init}: no trained model found (looked for {init}/best/ and {runs_dir}/{init}/best/)")
-
-
-def with_init_model(config: TrainConfig) -> TrainConfig:
-    """The model config a run trains: with `init`, the init run's architecture (so its weights fit),
-    narrowed to `modalities` when given; the NID head only when NID is trained (DDP refuses
-    parameters without gradients). Idempotent, and recorded in the run's config."""
-    model = to_dict(config.model)
-    if model["item_tower"]["projection"] == "auto":  # decided by whether any encoder block is trained
-        model["item_tower"]["projection"] = "mlp" if config.encoders.top_blocks == 0 else "linear"
-    if config.init:
-        init_config, _ = read_parts_config(resolve_init_dir(config.init, config.runs_dir))
-        init_model = _narrowed(to_dict(init_config), config.modalities)
-        if config.model.item_tower.projection == "auto":  # not a choice the user made
-            model["item_tower"]["projection"] = init_model["item_tower"]["projection"]
-        # nid_head follows the objectives and num_items 0 means "the dataset's": neither is an architecture choice.
-        asked = {**_narrowed(model, config.modalities), "nid_head": init_model["nid_head"],
-                 "num_items": model.get("num_items") or init_model["num_items"]}
-        if config.model != PMMRecConfig() and asked != init_model:
-            raise ConfigError(f"--init {config.init} fixes the model architecture; drop the model.* settings "
-                              "(they differ from the init run's)")
-        if config.modalities and not set(config.modalities) <= set(init_config.item_tower.modalities):
-            raise ConfigError(f"modalities {list(config.modalities)}: the init run {config.init} has only "
-                              f"{list(init_config.item_tower.modalities)}")
-        model = init_model
-    model = {**_narrowed(model, config.modalities), "nid_head": "nid" in config.weights}
-    changes: dict[str, Any] = {"model": model}
-    if model.get("items") == "id":  # an ID model reads no cache: encoder settings mean nothing to it
-        changes["encoders"] = to_dict(EncoderChoice())
-    return from_dict(TrainConfig, {**to_dict(config), **changes})
-
-
-def _narrowed(model: dict[str, Any], modalities: tuple[str, ...] | None) -> dict[str, Any]:
-    if not modalities:
-        return model
-    order = [m for m in ("text", "image") if m in modalities]
-    return {**model, "item_tower": {**model["item_tower"], "modalities": order}}
-
-
-# Which saved parts each transfer setting loads (paper III-E); the others start fresh.
-TRANSFER_PARTS = {"full": ("item_tower", "user_encoder"), "item": ("item_tower",), "user": ("user_encoder",)}
-
-
-def transfer_init(model: PMMRec, config: TrainConfig) -> dict[str, Any]:
-    """Load what `config.transfer` transfers from `config.init`; returns a record of what was loaded.
-
-    A single-modality model takes only its modality's tower from a multimodal run: the file's other
-    keys (the other tower, the fusion block) are listed as "not used". A key the model has and the
-    file lacks is always an error.
-    """
-    directory = resolve_init_dir(config.init, config.runs_dir)
-    parts = TRANSFER_PARTS[config.transfer]
-    reports = model.load_parts(directory, parts=parts, allow_unexpected=True)
-    loaded = {name: sorted(k for k in model.part(name).state_dict()) for name in parts}
-    return {"init": str(directory), "transfer": config.transfer, "loaded": loaded,
-            "fresh": [name for name in ("item_tower", "user_encoder") if name not in parts],
-            "not_used": {name: report.unexpected for name, report in reports.items() if report.unexpected}}
-
-
-def trained_setup(run_dir: Path, device: torch.device, **changes: Any) -> Setup:
-    """The best model of a finished run with its dataset and item store (for eval, recommend, export).
-
-    `changes` override config fields (e.g. dataset); the whole model always comes from `run_dir/best`.
-    """
-    if not (best_dir(run_dir) / "config.json").is_file():
-        raise PmmcacheError(f"{run_dir} has no trained model (best/); train it first with `pmmcache train`")
-    path = Path(run_dir) / "config.json"
-    data = load_file(path)
-    data.update({"init": str(run_dir), "transfer": "full", "resume": False, **changes})
-    return setup(from_dict(TrainConfig, data, where=str(path)), device)
-
-
-def setup(config: TrainConfig, device: torch.device) -> Setup:
-    config = with_init_model(config)
-    dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir), config.data)
-    model_config = config.model
-    if model_config.user_encoder.max_len < config.max_len + 1:
-        raise ConfigError(f"model.user_encoder.max_len ({model_config.user_encoder.max_len}) must be >= max_len + 1 "
-                          f"({config.max_len + 1}): the training sequence holds the history and the target")
-    if model_config.items == "id":
-        if model_config.num_items not in (0, dataset.num_items):
-            raise ConfigError(f"the ID embeddings {'of --init ' + config.init + ' ' if config.init else ''}are for "
-                              f"{model_config.num_items} items, dataset {config.dataset} has {dataset.num_items}; an "
-                              "ID-based model cannot transfer to another catalogue")
-        if model_config.num_items == 0:
-            model_config = from_dict(PMMRecConfig, {**to_dict(model_config), "num_items": dataset.num_items})
-        model = build_pmmrec(model_config, None, None)
-        store: ItemStore | IdItems = IdItems(dataset.num_items)
-        path = None
-    else:
-        cache_dataset = config.cache_dataset or default_cache_dataset(config.dataset)
-        wanted = set(model_config.item_tower.modalities)
-        choice = from_dict(EncoderChoice, {**to_dict(config.encoders),
-                                           "modalities": [m for m in ("text", "image") if m in wanted]})
-        text, vision = load_encoders(choice, cache_dataset)
-        path = find_cache(Path(config.cache_dir), cache_dataset, text, vision)
-        store = open_item_store(path, dataset, expected_manifest(text, vision), storage=config.storage,
-                                device=device)
-        model = build_pmmrec(model_config, text, vision)
-    transfer = transfer_init(model, config) if config.init else None
-    return Setup(config=config, dataset=dataset, store=store, model=model, cache_path=path, transfer=transfer)
-
-
 def _mixed_precision(setting: str) -> str:
     if setting == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
     return setting
-
-
-def _run_dir(config: TrainConfig) -> Path:
-    name = config.run_name or f"{config.stage}-{config.dataset.replace('/', '_').replace(',', '+')}"
-    return Path(config.runs_dir) / name
 
 
 @dataclass
@@ -587,18 +307,22 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
-    """Train (or resume) a run; returns the best epoch's valid and test metrics."""
+def run(config: TrainConfig, show_progress: bool = True,
+        on_step: Callable[[int, int], None] | None = None) -> TrainResult:
+    """Train (or resume) a run; returns the best epoch's valid and test metrics.
+
+    `on_step(epoch, step)` (both counted from 0) is called after every optimizer step, e.g. to log or
+    to stop the run from outside."""
     # The scheduler steps once per optimizer step, as warmup_steps counts them: accelerate's default
     # steps a prepared scheduler once per process per step, which ended warmup early under `launch`.
     accelerator = Accelerator(mixed_precision=_mixed_precision(config.mixed_precision), cpu=use_cpu(),
                               step_scheduler_with_optimizer=False)
     set_seed(config.seed)
     config = with_init_model(config)
-    run_dir = _run_dir(config)
+    run_dir = run_directory(config)
     checkpoints = run_dir / "checkpoints"
     if accelerator.is_main_process:
-        _prepare_run_dir(run_dir, config)
+        prepare_run_dir(run_dir, config)
     accelerator.wait_for_everyone()
 
     s = setup(config, accelerator.device)
@@ -611,9 +335,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     log_pop = None  # in-batch DAP and NICL candidates are popularity-drawn: logQ needs their probabilities
     if config.objectives.logq and (config.objectives.negatives != "catalogue" or "nicl" in weights):
         log_pop = log_sampling_probability(dataset.train_item_counts())
-    optimizer = torch.optim.AdamW(optimizer_groups(model, config), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0)
+    optimizer, scheduler = make_optimizer(model, config)
     catalogue = None
     if config.objectives.negatives == "catalogue":  # inputs of items 1..N, encoded at every step
         catalogue = store.get(torch.arange(1, store.num_items + 1))
@@ -633,7 +355,7 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     sequences, predict = training_sequences(dataset, config)
     if accelerator.is_main_process and s.transfer is not None:
         write_json(run_dir / "transfer.json", s.transfer)
-    history = _read_history(run_dir, state.epoch)
+    history = read_history(run_dir, state.epoch)
     needs_corruption = "nid" in weights or "rcl" in weights
     unwrapped = accelerator.unwrap_model(step_module).model
     epoch = state.epoch
@@ -653,32 +375,23 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
                       if needs_corruption else None)
         uniform = config.objectives.uniform_negatives if config.objectives.negatives == "mixed" else 0
         prepared = Prefetcher(batches, lambda users: prepare_batch(
-            sequences, users, store, accelerator.device, corruption, generator, trim=_trim_padding,
+            sequences, users, store, accelerator.device, corruption, generator, trim=trim_padding,
             predict=predict, uniform_negatives=uniform), enabled=config.prefetch)
         for step, (users, batch) in enumerate(zip(bar, prepared)):  # the batch is ready before its step
-            # (B, N) ids, (B, N) their positions among the U unique items, and those items' states
-            inputs = (batch.ids.to(accelerator.device), batch.inverse.to(accelerator.device), batch.states,
-                      batch.corrupted_inverse, batch.labels, batch.predict, batch.negative_ids, batch.negative_inverse)
+            inputs = step_inputs(batch, accelerator.device)
             if step == 0:  # each objective's pull on the model, once per epoch (metrics.jsonl)
                 with accelerator.autocast():
                     grad_norms = objective_gradient_norms(accelerator.unwrap_model(step_module), inputs)
-            with accelerator.autocast():
-                losses = step_module(*inputs)
-                loss = sum(weights[name] * value for name, value in losses.items())
-            loss_value = loss.item()  # the step's one host sync: the NaN guard and the progress bar need it
-            if not math.isfinite(loss_value):
+            loss_value, losses = train_step(step_module, inputs, weights, accelerator, optimizer, scheduler,
+                                            config.grad_clip)
+            if not math.isfinite(loss_value):  # no step was taken
                 raise PmmcacheError(
                     f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1} "
                     f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopped. "
                     f"The last good checkpoint is {ckpt.latest_checkpoint(checkpoints) or 'none (no epoch finished)'}. "
                     + nonfinite_loss_cause(batch, store, unwrapped, dataset.item_keys(), s.cache_path))
-            accelerator.backward(loss)
-            if config.grad_clip > 0:
-                accelerator.clip_grad_norm_(step_module.parameters(), config.grad_clip)
-            optimizer.step()
-            if not optimizer.step_was_skipped:  # an fp16 overflow skips the step: the schedule waits too
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step(epoch, step)
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             sums["loss"] = sums.get("loss", 0.0) + loss_value
@@ -732,36 +445,6 @@ def run(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     return TrainResult(run_dir=run_dir, best_epoch=state.best_epoch, metrics=final, history=history)
 
 
-_trim_padding = trim_padding  # looked up per batch: the resume test hooks it to kill a run mid-epoch
-
-
-# Settings a resumed run may change: how long it goes on and how batches reach the step, not what it trains.
-RESUMABLE_CHANGES = ("epochs", "patience", "resume", "prefetch")
-
-
-def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
-    config_path = run_dir / "config.json"
-    if config.resume:
-        if not config_path.is_file():
-            raise PmmcacheError(f"--resume: no run at {run_dir} (no config.json)")
-        # Through from_dict: settings added to TrainConfig after the run was made count as their defaults.
-        saved = to_dict(from_dict(TrainConfig, load_file(config_path), where=str(config_path)))
-        current = to_dict(config)
-        changed = sorted(k for k in saved.keys() | current.keys()
-                         if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
-        if changed:
-            raise PmmcacheError(f"--resume: {config_path} was made with other settings ({', '.join(changed)} differ); "
-                                "resume with the same options or start a new run (--run-name)")
-        extended = {k: current[k] for k in RESUMABLE_CHANGES if k != "resume" and saved.get(k) != current[k]}
-        if extended:  # e.g. more epochs: config.json keeps saying how the run is being trained
-            write_json(config_path, {**saved, **extended})
-        settle_dir(run_dir / "best")  # finish a replacement of best/ that a crash interrupted
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise PmmcacheError(f"run directory {run_dir} already exists; pass --resume to continue it, "
-                            "or choose another --run-name")
-
-
 def resume_point(checkpoints: Path, warn: bool = True) -> tuple[Path, "TrainState"] | None:
     """The newest intact checkpoint and its progress; None when no epoch finished. A newer one that is
     damaged is passed over with a warning naming what is wrong (`warn`: this process prints it); when
@@ -785,31 +468,6 @@ def resume_point(checkpoints: Path, warn: bool = True) -> tuple[Path, "TrainStat
                             + "; ".join(f"{path.name}: {why}" for path, why in damaged)
                             + ". Start a new run (another --run-name) instead of resuming this one")
     return None
-
-
-def best_dir(run_dir: Path) -> Path:
-    """The run's best/ model parts, also after a crash while they were being replaced."""
-    found = settled_dir(Path(run_dir) / "best")
-    if found is None:
-        raise PmmcacheError(f"{run_dir} has no trained model (best/); train it first with `pmmcache train`")
-    return found
-
-
-def _read_history(run_dir: Path, epochs_done: int) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records, number = [], None
-    try:
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                records.append(json.loads(line))
-                if not isinstance(records[-1].get("epoch"), int):
-                    raise ValueError("no epoch number")
-    except (UnicodeDecodeError, ValueError, AttributeError) as err:
-        raise DataError(f"not the epoch records pmmcache writes ({err}); move the file aside to resume without "
-                        "the earlier epochs' records", path, number) from err
-    return [r for r in records if r["epoch"] <= epochs_done]
 
 
 def _save_epoch(accelerator: Accelerator, model: PMMRec, run_dir: Path, state: TrainState, improved: bool,

@@ -40,8 +40,10 @@ def demo_cache_dir(demo_data_dir, tmp_path_factory) -> Path:
     Stage 2 only reads the cache (and adds prepared datasets beside it, the same for every test)."""
     from pmmcache import extract
     from pmmcache.demo_job import DemoJobConfig
+    from pmmcache.encoders.config import EncoderConfig
 
     cache_dir = tmp_path_factory.mktemp("demo-cache")
     extract.run(extract.ExtractConfig(dataset="demo", data_dir=demo_data_dir, cache_dir=cache_dir,
-                                      top_blocks=DemoJobConfig().top_blocks), show_progress=False)
+                                      encoders=EncoderConfig(top_blocks=DemoJobConfig().top_blocks)),
+                show_progress=False)
     return cache_dir

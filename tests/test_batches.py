@@ -13,6 +13,7 @@ import torch
 
 from pmmcache import train
 from pmmcache.batches import Prefetcher, prepare_batch, trim_padding
+from pmmcache.runs import setup
 
 from helpers.toy import read_history, train_config
 
@@ -35,7 +36,7 @@ def test_training_with_and_without_prefetch_gives_the_same_losses_and_weights(to
 
 def test_prefetched_batches_equal_plain_ones_in_order(toy):
     config = train_config(toy, toy.cache_dir.parent / "unused-runs", "x")
-    s = train.setup(config, torch.device("cpu"))
+    s = setup(config, torch.device("cpu"))
     sequences = torch.from_numpy(s.dataset.train_sequences(config.max_len + 1)).long()
     batches = train.epoch_batches(len(sequences), 8, epoch=0, seed=1)
 
@@ -79,7 +80,7 @@ def test_prefetcher_raises_the_error_of_its_item_and_stops_when_closed():
 
 def test_duplicate_items_encoded_once_give_the_vectors_of_encoding_every_position(toy):
     config = train_config(toy, toy.cache_dir.parent / "unused-runs", "x")
-    s = train.setup(config, torch.device("cpu"))
+    s = setup(config, torch.device("cpu"))
     model = s.model.eval()  # no dropout: both paths must be the same function
     ids = torch.tensor([[0, 0, 3, 5, 3], [5, 7, 7, 3, 1], [0, 2, 2, 2, 9]])  # repeats within and across users
     unique, inverse = torch.unique(ids, return_inverse=True)

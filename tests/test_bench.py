@@ -127,3 +127,10 @@ def test_extract_bench_compares_end_to_end_with_encoding_alone(tmp_path):
     assert extraction["encode_only"]["items"] == NUM_ITEMS and extraction["encode_only"]["items_per_s"] > 0
     assert extraction["end_to_end_vs_encode_only"] > 0
     assert {"memmap_int8", "ram_int8"} <= set(result["reader"]["ms_per_batch"]) and result["host_peak_rss_mb"] > 0
+
+
+def test_the_step_bench_times_the_trainers_own_step():
+    from pmmcache import train
+    from pmmcache.bench import step
+
+    assert step.train_step is train.train_step and step.step_inputs is train.step_inputs

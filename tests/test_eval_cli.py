@@ -89,7 +89,8 @@ def naive_cold_start_metrics(run_dir: Path, threshold: int) -> tuple[int, dict[s
     import torch
 
     from pmmcache.coldstart import cold_start_cases
-    from pmmcache.evaluate import item_table, load_run
+    from pmmcache.evaluate import item_table
+    from pmmcache.runs import load_run
 
     s, _ = load_run(run_dir)
     cases = cold_start_cases(s.dataset, threshold, s.config.max_len)
@@ -127,11 +128,14 @@ def test_cold_start_scores_every_prefix_ending_in_a_cold_item_like_a_naive_loop(
 
 
 def test_cold_start_threshold_is_strict_and_the_pipeline_entry_point_returns_the_record(trained_run, tmp_path):
-    from pmmcache.coldstart import evaluate_run
+    from pmmcache.evaluate import EvalConfig, run
 
-    warm = evaluate_run(trained_run, threshold=6, output=tmp_path / "warm.json")  # 6 occurrences: not cold
+    def cold_start(**settings):
+        return run(EvalConfig(run=trained_run, full_rank=False, cold_start=True, **settings), show=False)["cold_start"]
+
+    warm = cold_start(cold_threshold=6, output=tmp_path / "warm.json")  # 6 occurrences: not cold
     assert warm["cases"] == 0 and warm["cold_items"] == 0
-    record = evaluate_run(trained_run, threshold=7, mask_history=False, output=tmp_path / "cold.json")
+    record = cold_start(cold_threshold=7, mask_history=False, output=tmp_path / "cold.json")
     assert record == json.loads((tmp_path / "cold.json").read_text())
     assert record["mask_history"] is False and 0 <= record["metrics"]["HR@10"] <= 1
     assert set(record["metrics"]) == set(METRICS)
@@ -148,3 +152,33 @@ def test_full_rank_and_cold_start_together_write_both_and_output_needs_one_mode(
     both = CliRunner().invoke(main, ["eval", "--run", str(trained_run), "--full-rank", "--cold-start",
                                      "--output", str(tmp_path / "x.json")])
     assert both.exit_code == 2 and "--output names one file" in both.stderr
+
+
+def test_a_trained_run_loads_strictly(trained_run, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pmmcache.errors import PmmcacheError
+    from pmmcache.runs import load_run
+
+    copy = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    path = copy / "best" / "user_encoder.safetensors"
+    tensors = load_file(str(path))
+    save_file({**tensors, "left_over.weight": torch.zeros(2)}, str(path))  # a key the model lacks
+    with pytest.raises(PmmcacheError, match=r"does not fit this model's user_encoder: .*unexpected left_over.weight"):
+        load_run(copy)
+
+
+def test_a_run_that_recorded_the_ignored_encoders_modalities_still_loads(trained_run, tmp_path):
+    import shutil
+
+    from pmmcache.runs import load_run
+
+    copy = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    config = json.loads((copy / "config.json").read_text())
+    config["encoders"]["modalities"] = ["text"]  # what `--set encoders.modalities=[text]` recorded (and training ignored)
+    (copy / "config.json").write_text(json.dumps(config))
+    s, _ = load_run(copy)
+    assert s.model.config.item_tower.modalities == ("text", "image")

@@ -26,10 +26,12 @@ from PIL import Image
 
 import pmmcache
 from pmmcache import cache as cache_io
+from pmmcache.config import from_dict
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, VisionEncoderSpec
-from pmmcache.errors import CacheMismatchError, DataError, PmmcacheError
-from pmmcache.extract import ExtractConfig, encoder_specs, run
+from pmmcache.encoders.config import EncoderConfig, encoder_specs
+from pmmcache.errors import CacheMismatchError, ConfigError, DataError, PmmcacheError
+from pmmcache.extract import ExtractConfig, run
 from pmmcache.items import find_cache
 
 from helpers.extraction import rewrite_line
@@ -101,9 +103,10 @@ def toy_data(tmp_path_factory) -> Path:
 
 
 def toy_config(data_dir: Path, cache_dir: Path, bert_dir: Path, **overrides) -> ExtractConfig:
-    settings = dict(dataset=NAME, data_dir=data_dir, cache_dir=cache_dir, text_encoder=str(bert_dir),
-                    vision_encoder="pmmcache-tiny-vit", vision_weights="random", top_blocks=K,
-                    max_text_length=MAX_LEN, image_size=IMAGE_SIZE, batch_size=8, num_workers=0, device="cpu")
+    encoders = EncoderConfig(text_encoder=str(bert_dir), vision_encoder="pmmcache-tiny-vit", vision_weights="random",
+                             top_blocks=K, max_text_length=MAX_LEN, image_size=IMAGE_SIZE)
+    settings = dict(dataset=NAME, data_dir=data_dir, cache_dir=cache_dir, encoders=encoders, batch_size=8,
+                    num_workers=0, device="cpu")
     settings.update(overrides)
     return ExtractConfig(**settings)
 
@@ -193,7 +196,7 @@ def test_cache_holds_the_lower_block_states_of_every_item_in_dataset_order(basel
     assert manifest["image"]["split_block"] == 4 - K and manifest["image"]["num_tokens"] == 5
     assert manifest["image"]["preprocessing"] == vision.preprocessing_description()
     assert manifest["image"]["preprocessing"]["size"] == IMAGE_SIZE
-    assert manifest["extract"]["max_text_length"] == MAX_LEN
+    assert manifest["extract"]["encoders"]["max_text_length"] == MAX_LEN
     # The pmmcache that made it: the installed distribution's version, which is pyproject.toml's.
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert manifest["created_by"]["pmmcache"] == pmmcache.__version__ == importlib.metadata.version("pmmcache") \
@@ -313,6 +316,18 @@ def test_changed_title_is_re_encoded_alone_and_other_weights_are_refused_until_f
     assert (other.text.float() - new.text[1:].float()).abs().max() > 0.1
 
 
+def test_an_encoder_setting_at_its_old_place_names_where_it_is_now(toy_data, tmp_path):
+    from click.testing import CliRunner
+
+    from pmmcache.cli import main
+
+    with pytest.raises(ConfigError, match=r"setting top_blocks is now encoders.top_blocks \(ExtractConfig\)"):
+        from_dict(ExtractConfig, {"dataset": NAME, "top_blocks": 1})
+    result = CliRunner().invoke(main, ["extract", "--data-dir", str(toy_data), "--cache-dir", str(tmp_path),
+                                       "--set", "modalities=[text]"])
+    assert result.exit_code == 2 and "setting modalities is now encoders.modalities" in result.stderr
+
+
 def test_reader_refuses_a_differing_expected_manifest(baseline):
     fingerprint = cache_io.read_manifest(baseline.path)["dataset"]["fingerprint"]
     cache_io.CacheReader(baseline.path, expected={"dataset": {"fingerprint": fingerprint},
@@ -402,8 +417,8 @@ def test_image_only_dataset_has_no_text_states(tmp_path):
     make_toy(tmp_path / "data", texts=False)
     clip_dir = save_tiny_hf_clip_vision(tmp_path / "clip", image_size=IMAGE_SIZE)  # its own weights ("openai")
     config = ExtractConfig(dataset=NAME, data_dir=tmp_path / "data", cache_dir=tmp_path / "cache",
-                           vision_encoder=str(clip_dir), image_size=IMAGE_SIZE, batch_size=16, num_workers=0,
-                           device="cpu")
+                           encoders=EncoderConfig(vision_encoder=str(clip_dir), image_size=IMAGE_SIZE), batch_size=16,
+                           num_workers=0, device="cpu")
     result = run(config, show_progress=False)
     assert result.items == NUM_ITEMS and not result.path.name.startswith("text")
     reader = cache_io.CacheReader(result.path)
@@ -542,7 +557,7 @@ def test_reduced_precision_extraction_still_matches_the_fp32_encoders_stage_2_lo
 
     config = toy_config(toy_data, tmp_path / "cache", bert_dir, dtype="bfloat16")
     result = run(config, show_progress=False)
-    text_spec, vision_spec = encoder_specs(config)
+    text_spec, vision_spec = encoder_specs(config.encoders, config.dataset)
     expected = expected_manifest(TextEncoder.load(text_spec), VisionEncoder.load(vision_spec))
     manifest = cache_io.check_manifest(result.path, expected)  # raises on a mismatch
     assert manifest["compute_dtype"] == "bfloat16" and manifest["text"]["dtype"] == "float32"

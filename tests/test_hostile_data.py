@@ -27,11 +27,13 @@ from pmmcache import train
 from pmmcache.cli import main
 from pmmcache.config import from_dict
 from pmmcache.data.registry import resolve_dataset
+from pmmcache.encoders.config import EncoderConfig
 from pmmcache.errors import CacheCorruptError, CacheMismatchError, DataError, PmmcacheError
 from pmmcache.extract import ExtractConfig
 from pmmcache.extract import run as extract
 from pmmcache.items import ItemStore
 from pmmcache.locks import exclusive_lock
+from pmmcache.runs import Setup, setup
 
 from helpers.extraction import rewrite_line
 from helpers.tiny_models import save_tiny_bert
@@ -84,9 +86,10 @@ def bert_dir(tmp_path_factory) -> Path:
 
 
 def extract_config(data_dir: Path, cache_dir: Path, bert_dir: Path, **overrides) -> ExtractConfig:
-    settings = dict(dataset=NAME, data_dir=data_dir, cache_dir=cache_dir, text_encoder=str(bert_dir),
-                    vision_encoder="pmmcache-tiny-vit", vision_weights="random", top_blocks=1, max_text_length=8,
-                    image_size=64, batch_size=4, num_workers=0, device="cpu")
+    encoders = EncoderConfig(text_encoder=str(bert_dir), vision_encoder="pmmcache-tiny-vit", vision_weights="random",
+                             top_blocks=1, max_text_length=8, image_size=64)
+    settings = dict(dataset=NAME, data_dir=data_dir, cache_dir=cache_dir, encoders=encoders, batch_size=4,
+                    num_workers=0, device="cpu")
     return ExtractConfig(**{**settings, **overrides})
 
 
@@ -108,9 +111,9 @@ def extracted(tmp_path, bert_dir):
     return data_dir, cache_dir, result.path
 
 
-def open_store(data_dir: Path, cache_dir: Path, bert_dir: Path, tmp_path: Path) -> train.Setup:
+def open_store(data_dir: Path, cache_dir: Path, bert_dir: Path, tmp_path: Path) -> Setup:
     """What every stage-2 command does first: resolve the dataset and open its cache."""
-    return train.setup(train_config(data_dir, cache_dir, bert_dir, tmp_path / "runs"), torch.device("cpu"))
+    return setup(train_config(data_dir, cache_dir, bert_dir, tmp_path / "runs"), torch.device("cpu"))
 
 
 def damage(path: Path, row: int, name: str = "image/states", value: float = 7.0) -> None:

@@ -27,7 +27,7 @@ from pmmcache import files, train
 from pmmcache.cli import main, set_dotted
 from pmmcache.config import from_dict
 from pmmcache.errors import ConfigError, PmmcacheError
-from pmmcache.train import TrainConfig
+from pmmcache.run_config import TrainConfig
 
 from helpers.toy import NAME, learned, train_cli_args, train_config, train_settings
 

@@ -22,7 +22,7 @@ def test_finetuning_on_a_demo_domain_beats_random_ranking_by_a_wide_margin(demo_
     data, cache, runs = demo_data_dir, demo_cache_dir, tmp_path / "runs"
     config = from_dict(train.TrainConfig, {
         "stage": "finetune", "dataset": "demo/toys", "data_dir": str(data), "cache_dir": str(cache),
-        "runs_dir": str(runs), "run_name": "toys", "encoders": {"top_blocks": 1, "modalities": ["text"]},
+        "runs_dir": str(runs), "run_name": "toys", "encoders": {"top_blocks": 1},
         "model": {"item_tower": {"d_model": 64, "fusion_heads": 2, "pooling": "mean", "modality_vector": "mean",
                                  "modalities": ["text"]},
                   "user_encoder": {"d_model": 64}},

@@ -8,7 +8,7 @@ from pmmcache.config import from_dict, load_file
 from pmmcache.demo_job import DemoJobConfig
 from pmmcache.demo_job import train_config as demo_job_train_config
 from pmmcache.pipeline import parse_recipe, plan
-from pmmcache.train import TrainConfig
+from pmmcache.run_config import TrainConfig
 
 FILES = sorted((Path(__file__).parent.parent / "pipelines").glob("*.yaml"))
 TRAIN_CONFIGS = [p for p in FILES if "recipe" not in load_file(p)]

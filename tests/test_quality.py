@@ -20,12 +20,14 @@ import torch
 from pmmcache import extract, train
 from pmmcache.batches import prepare_batch
 from pmmcache.config import from_dict
+from pmmcache.encoders.config import EncoderConfig
 from pmmcache.encoders.hub import packaged_text_model_path
 from pmmcache.evaluate import popularity_ranking
 from pmmcache.model.item_tower import ItemTowerConfig
 from pmmcache.model.pmmrec import PMMRec, PMMRecConfig
 from pmmcache.model.user_encoder import UserEncoder, UserEncoderConfig
 from pmmcache.objectives import in_batch_negative_mask
+from pmmcache.runs import setup, with_init_model
 
 from helpers.tiny_models import save_tiny_bert, save_tiny_hf_clip_vision
 from helpers.toy import NAME, make_toy, train_config
@@ -42,7 +44,8 @@ def wide(tmp_path_factory):
     encoders = {"text_encoder": str(text), "vision_encoder": str(vision), "vision_weights": "random",
                 "top_blocks": 1, "max_text_length": 16, "image_size": 64}
     extract.run(extract.ExtractConfig(dataset=NAME, data_dir=root / "data", cache_dir=root / "cache", batch_size=16,
-                                      num_workers=0, device="cpu", **encoders), show_progress=False)
+                                      num_workers=0, device="cpu", encoders=EncoderConfig(**encoders)),
+                show_progress=False)
     return root, encoders
 
 
@@ -55,7 +58,7 @@ def first_dap_loss(wide, runs: Path, width: int, **objectives) -> tuple[float, f
         "runs_dir": str(runs), "encoders": encoders, "objectives": {"logq": False, **objectives},
         "model": {"item_tower": {"d_model": width, "fusion_heads": 2}, "user_encoder": {"d_model": width, "n_heads": 2}},
         "mixed_precision": "no"})
-    s = train.setup(config, torch.device("cpu"))
+    s = setup(config, torch.device("cpu"))
     sequences, predict = train.training_sequences(s.dataset, s.config)
     batch = prepare_batch(sequences, np.arange(16), s.store, torch.device("cpu"), predict=predict)
     step = train.TrainingStep(s.model.eval(), s.config.objectives, s.config.weights, None)
@@ -90,10 +93,10 @@ def test_user_encoder_starts_at_recbole_scale_and_keeps_xavier_as_an_option():
 
 
 def test_frozen_encoders_get_the_mlp_adaptor_and_configs_save_the_choice(toy, tmp_path):
-    frozen = train.with_init_model(train_config(toy, tmp_path, "k0", encoders={"top_blocks": 0}))
-    tuned = train.with_init_model(train_config(toy, tmp_path, "k1"))
+    frozen = with_init_model(train_config(toy, tmp_path, "k0", encoders={"top_blocks": 0}))
+    tuned = with_init_model(train_config(toy, tmp_path, "k1"))
     assert frozen.model.item_tower.projection == "mlp" and tuned.model.item_tower.projection == "linear"
-    explicit = train.with_init_model(train_config(toy, tmp_path, "lin", encoders={"top_blocks": 0},
+    explicit = with_init_model(train_config(toy, tmp_path, "lin", encoders={"top_blocks": 0},
                                                   model={"item_tower": {"projection": "linear"}}))
     assert explicit.model.item_tower.projection == "linear"
 
@@ -129,12 +132,12 @@ def test_a_frozen_text_model_beats_popularity_on_real_movielens_data(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     name = movielens_subset(data)
     text = str(packaged_text_model_path())
-    extract.run(extract.ExtractConfig(dataset=name, data_dir=data, cache_dir=cache, text_encoder=text,
-                                      top_blocks=0, modalities=("text",), max_text_length=32), show_progress=False)
+    extract.run(extract.ExtractConfig(dataset=name, data_dir=data, cache_dir=cache, encoders=EncoderConfig(
+        text_encoder=text, top_blocks=0, modalities=("text",), max_text_length=32)), show_progress=False)
     config = from_dict(train.TrainConfig, {
         "stage": "finetune", "dataset": name, "data_dir": str(data), "cache_dir": str(cache),
         "runs_dir": str(tmp_path / "runs"), "run_name": "morec",
-        "encoders": {"text_encoder": text, "top_blocks": 0, "max_text_length": 32, "modalities": ["text"]},
+        "encoders": {"text_encoder": text, "top_blocks": 0, "max_text_length": 32},
         "model": {"item_tower": {"d_model": 32, "fusion_heads": 2, "pooling": "mean", "modality_vector": "mean",
                                  "modalities": ["text"]},
                   "user_encoder": {"d_model": 32, "n_heads": 2, "dropout": 0.2}},

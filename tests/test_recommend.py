@@ -24,7 +24,8 @@ from pmmcache import cache as cache_io
 from pmmcache import train
 from pmmcache.cli import main
 from pmmcache.errors import PmmcacheError
-from pmmcache.evaluate import item_table, load_run
+from pmmcache.evaluate import item_table
+from pmmcache.runs import load_run
 from pmmcache.recommend import AddItemsConfig, Recommender, add_items, read_registry
 
 from helpers.toy import NAME, NUM_ITEMS, train_config

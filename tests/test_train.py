@@ -29,7 +29,9 @@ from pmmcache.config import from_dict, to_dict
 from pmmcache.errors import CacheMismatchError, ConfigError, PmmcacheError
 from pmmcache.evaluate import evaluate_splits
 from pmmcache.extract import run as extract
-from pmmcache.train import TrainConfig, epoch_batches
+from pmmcache.run_config import TrainConfig
+from pmmcache.runs import setup, with_init_model
+from pmmcache.train import epoch_batches
 
 from helpers.tiny_models import save_tiny_bert
 from helpers.toy import (LOSSES, METRICS, NAME, NUM_ITEMS, STEPS, extract_config, free_port, learned,
@@ -56,7 +58,7 @@ def test_pretrain_run_writes_config_metrics_checkpoint_best_and_eval(pretrained)
     config, result = pretrained
     run_dir = result.run_dir
     assert run_dir == Path(config.runs_dir) / "pretrain"
-    assert json.loads((run_dir / "config.json").read_text()) == to_dict(train.with_init_model(config))  # "auto" decided
+    assert json.loads((run_dir / "config.json").read_text()) == to_dict(with_init_model(config))  # "auto" decided
 
     history = read_history(run_dir)
     assert [r["epoch"] for r in history] == [1, 2, 3]
@@ -107,22 +109,16 @@ def test_pretrain_run_writes_config_metrics_checkpoint_best_and_eval(pretrained)
 # ------------------------------------------------------------------------------- 2. resume
 
 KILL_CHILD = """
-import os, signal, sys
-import pmmcache.train as train
+import json, os, signal, sys
+from pmmcache import train
+from pmmcache.config import from_dict
+from pmmcache.run_config import TrainConfig
 
-original = train._trim_padding  # called once per training step
-steps = 0
-
-def trim_then_die(ids):
-    global steps
-    steps += 1
-    if steps > int(os.environ["KILL_AFTER_STEPS"]):
+def die_after(epoch, step):  # called after every optimizer step
+    if epoch * int(os.environ["STEPS"]) + step + 1 > int(os.environ["KILL_AFTER_STEPS"]):
         os.kill(os.getpid(), signal.SIGKILL)
-    return original(ids)
 
-train._trim_padding = trim_then_die
-from pmmcache.cli import main
-main(sys.argv[1:])
+train.run(from_dict(TrainConfig, json.loads(sys.argv[1])), show_progress=False, on_step=die_after)
 """
 
 
@@ -147,17 +143,17 @@ def assert_same_run(run_dir: Path, reference: train.TrainResult, reference_dir: 
 def test_run_killed_after_two_epochs_resumes_to_the_uninterrupted_result(toy, pretrained, tmp_path):
     reference_config, reference = pretrained
     runs = tmp_path / "runs"
-    child = subprocess.run([sys.executable, "-c", KILL_CHILD, *train_cli_args(toy, runs, "killed", epochs=3)],
-                           cwd=REPO, capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1", "KILL_AFTER_STEPS": str(2 * STEPS + 1)})
+    settings = json.dumps(train_settings(toy, runs, "killed"))
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, settings], cwd=REPO, capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1", "STEPS": str(STEPS),
+                                             "KILL_AFTER_STEPS": str(2 * STEPS + 1)})
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     run_dir = runs / "killed"
     # Killed in epoch 3 after one optimizer step: epoch 2 is the last finished one.
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
     assert [r["epoch"] for r in read_history(run_dir)] == [1, 2] and not (run_dir / "eval.json").exists()
-    # The CLI's config is the in-process one (so resuming it in-process is allowed).
     config = train_config(toy, runs, "killed")
-    assert json.loads((run_dir / "config.json").read_text()) == to_dict(train.with_init_model(config))  # "auto" decided
+    assert json.loads((run_dir / "config.json").read_text()) == to_dict(with_init_model(config))  # "auto" decided
 
     resumed = train.run(train_config(toy, runs, "killed", resume=True), show_progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
@@ -178,7 +174,7 @@ def test_resume_may_extend_the_epochs_and_equals_the_uninterrupted_run(toy, pret
     assert_same_run(runs / "extended", reference, reference.run_dir)
     saved = json.loads((runs / "extended" / "config.json").read_text())
     assert saved["epochs"] == 3  # config.json says how the run was trained in the end
-    assert saved == {**to_dict(train.with_init_model(longer)), "resume": False}
+    assert saved == {**to_dict(with_init_model(longer)), "resume": False}
 
     # What the run trains may not change on resume; the message names the setting.
     with pytest.raises(PmmcacheError, match=r"other settings \(lr differ\)"):
@@ -311,6 +307,7 @@ def test_a_nan_loss_stops_the_run_naming_the_last_good_checkpoint(toy, tmp_path,
     ("objectives.nicl_weight=0", "'nicl_weight' for ObjectiveConfig in objectives"),
     ("batch_size=eight", "batch_size: expected an integer"),
     ("encoders.top_blocks=two", "encoders.top_blocks: expected an integer"),
+    ("encoders.modalities=[text]", "encoders.modalities = ['text'] is not a training setting"),
     ("mask_history=maybe", "mask_history: expected true/false"),
     ("select_metric=HR@5", "select_metric 'HR@5'"),
     ("lr=nan", "lr must be a positive number"),
@@ -407,7 +404,7 @@ def test_two_processes_under_accelerate_launch_train_one_run_and_evaluate_like_o
 
     # The same best weights evaluated by one process give the numbers the two processes gathered.
     config = from_dict(TrainConfig, {**json.loads((run_dir / "config.json").read_text()), "init": str(run_dir)})
-    s = train.setup(config, torch.device("cpu"))
+    s = setup(config, torch.device("cpu"))
     single = evaluate_splits(s.model, s.store, s.dataset, ("valid", "test"), config.ks, config.max_len)
     for split in ("valid", "test"):
         assert record["metrics"][split] == pytest.approx(single[split], abs=1e-6), split
@@ -450,7 +447,7 @@ def test_epoch_batches_are_deterministic_per_seed_and_epoch():
 def test_nid_head_exists_only_when_nid_is_trained(overrides, has_nid_head, toy, tmp_path):
     """Under DDP a parameter that gets no gradient is an error, so an unused NID head must not exist."""
     config = train_config(toy, tmp_path, "nid", **overrides)
-    model = train.setup(config, torch.device("cpu")).model
+    model = setup(config, torch.device("cpu")).model
     assert (model.nid_head is not None) == has_nid_head
 
 

@@ -5,6 +5,7 @@ Runs reuse the tiny toy dataset and cache of test_train.py (2-block BERT + tiny 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,10 +17,12 @@ from safetensors.torch import load_file
 from pmmcache import train
 from pmmcache.config import from_dict, to_dict
 from pmmcache.corruption import corrupt_sequences
+from pmmcache.encoders.config import EncoderConfig
 from pmmcache.errors import ConfigError
 from pmmcache.extract import run as extract
 from pmmcache.objectives import catalogue_dap_loss
-from pmmcache.train import ObjectiveConfig, TrainConfig
+from pmmcache.run_config import ObjectiveConfig, TrainConfig
+from pmmcache.runs import Setup, setup, trained_setup
 
 from helpers.toy import Toy, extract_config, train_config
 
@@ -48,9 +51,9 @@ def assert_differs_from(module: torch.nn.Module, tensors: dict[str, torch.Tensor
     assert any(not torch.equal(v, tensors[k]) for k, v in own.items() if v.is_floating_point()), prefix
 
 
-def finetune_setup(toy: Toy, source: Path, tmp_path: Path, **overrides) -> train.Setup:
+def finetune_setup(toy: Toy, source: Path, tmp_path: Path, **overrides) -> Setup:
     config = train_config(toy, tmp_path, "target", stage="finetune", init=str(source), **overrides)
-    return train.setup(config, torch.device("cpu"))
+    return setup(config, torch.device("cpu"))
 
 
 def test_full_transfer_loads_item_towers_and_user_encoder(toy, source_run, tmp_path):
@@ -74,7 +77,7 @@ def test_user_transfer_takes_item_towers_from_the_original_encoders(toy, source_
     s = finetune_setup(toy, source_run, tmp_path, transfer="user")
     users = saved(source_run, "user_encoder")
     assert_equal_to(s.model.user_encoder, users, list(users))
-    scratch = train.setup(train_config(toy, tmp_path, "scratch", stage="finetune"), torch.device("cpu")).model
+    scratch = setup(train_config(toy, tmp_path, "scratch", stage="finetune"), torch.device("cpu")).model
     tops = [k for k in scratch.item_tower.state_dict() if k.startswith(("text_top.", "vision_top."))]
     assert_equal_to(s.model.item_tower, scratch.item_tower.state_dict(), tops)  # the pretrained encoders' blocks
     assert_differs_from(s.model.item_tower, saved(source_run, "item_tower"), "text_top.")  # not the source run's
@@ -107,7 +110,7 @@ def mean_source_run(toy, tmp_path_factory) -> Path:
 def test_single_modality_transfer_vector_is_the_pretrained_cls(modality, toy, mean_source_run, tmp_path):
     # Paper III-E: a text-only (vision-only) transfer represents an item by t^cls (v^cls), the
     # vector NICL aligned in pre-training, whatever the multimodal run pooled its items with.
-    source = train.trained_setup(mean_source_run, torch.device("cpu"))
+    source = trained_setup(mean_source_run, torch.device("cpu"))
     single = finetune_setup(toy, mean_source_run, tmp_path, modalities=[modality], model=MEAN_MODEL)
     states = source.store.get(torch.arange(1, 9))
     with torch.no_grad():
@@ -119,8 +122,9 @@ def test_single_modality_transfer_vector_is_the_pretrained_cls(modality, toy, me
 
 
 def test_a_text_only_model_needs_only_the_text_cache(toy, source_run, tmp_path):
-    extract(from_dict(type(extract_config(toy)), {**to_dict(extract_config(toy, cache_dir=tmp_path / "cache")),
-                                                  "modalities": ["text"]}), show_progress=False)
+    config = extract_config(toy, cache_dir=tmp_path / "cache")
+    extract(dataclasses.replace(config, encoders=dataclasses.replace(config.encoders, modalities=("text",))),
+            show_progress=False)
     assert len(list((tmp_path / "cache").rglob("*.h5"))) == 1
     config = train_config(toy, tmp_path / "runs", "text-only", stage="finetune", init=str(source_run),
                           modalities=["text"], cache_dir=str(tmp_path / "cache"), epochs=1)
@@ -131,7 +135,7 @@ def test_a_text_only_model_needs_only_the_text_cache(toy, source_run, tmp_path):
 
 
 def test_text_only_from_scratch_and_a_modality_the_init_lacks(toy, source_run, tmp_path):
-    scratch = train.setup(train_config(toy, tmp_path, "t", stage="finetune", modalities=["text"]), torch.device("cpu"))
+    scratch = setup(train_config(toy, tmp_path, "t", stage="finetune", modalities=["text"]), torch.device("cpu"))
     assert scratch.model.config.item_tower.modalities == ("text",) and scratch.transfer is None
     text_run = train.run(train_config(toy, tmp_path, "text-run", epochs=1, modalities=["text"],
                                       objectives={"nicl": 0.0}), show_progress=False).run_dir
@@ -165,16 +169,25 @@ def test_ablation_switches_change_the_loss_terms(ablation, terms, variant, toy, 
     variants = []
     real = train.nicl_loss
     monkeypatch.setattr(train, "nicl_loss", lambda *a, **k: variants.append(a[3]) or real(*a, **k))
-    s = train.setup(config, torch.device("cpu"))
+    s = setup(config, torch.device("cpu"))
     losses = step_losses(s.model, config.objectives, s.store, config.weights)
     assert set(losses) == terms and all(torch.isfinite(v) for v in losses.values())
     assert variants == ([variant] if "nicl" in terms else [])
 
 
+def test_an_ablation_with_another_value_of_a_setting_it_sets_is_an_error_naming_both():
+    with pytest.raises(ConfigError, match=r"objectives.ablation = no-nicl sets objectives.nicl = 0.0, but "
+                                          r"objectives.nicl = 1.0 is set too"):
+        from_dict(ObjectiveConfig, {"ablation": "no-nicl", "nicl": 1})  # explicitly the default value
+    with pytest.raises(ConfigError, match=r"objectives.nicl_variant = vcl, but objectives.nicl_variant = icl"):
+        ObjectiveConfig(ablation="vcl-only", nicl_variant="icl")
+    assert from_dict(ObjectiveConfig, {"ablation": "no-nicl", "nicl": 0}).nicl == 0  # the same value agrees
+
+
 def test_pretraining_without_dap_trains_the_other_objectives_and_finetuning_needs_dap(toy, tmp_path):
     config = train_config(toy, tmp_path, "no-dap", objectives={"dap": 0.0})
     assert set(config.weights) == {"nicl", "nid", "rcl"}
-    s = train.setup(config, torch.device("cpu"))
+    s = setup(config, torch.device("cpu"))
     losses = step_losses(s.model, config.objectives, s.store, config.weights)
     assert set(losses) == {"nicl", "nid", "rcl"} and all(torch.isfinite(v) for v in losses.values())
     # A whole run (step, gradient norms, evaluation, checkpoint) records the three and no DAP.
@@ -197,7 +210,7 @@ def test_the_step_passes_each_objective_its_settings(toy, tmp_path, monkeypatch)
         real = getattr(train, name)
         monkeypatch.setattr(train, name, lambda *a, _real=real, _name=name, **k: seen.setdefault(_name, (a, k)) and _real(*a, **k))
     config = train_config(toy, tmp_path, "settings", objectives={"temperature": 0.25, "nid_relu": True})
-    s = train.setup(config, torch.device("cpu"))
+    s = setup(config, torch.device("cpu"))
     log_pop = train.log_sampling_probability(s.dataset.train_item_counts())
     ids = torch.tensor([[1, 2, 3, 4], [0, 5, 6, 7], [8, 9, 10, 11]])
     unique, inverse = torch.unique(ids, return_inverse=True)
@@ -231,12 +244,12 @@ def test_sasrec_id_baseline_trains_and_evaluates_in_the_same_loop(toy, tmp_path)
         objectives={"negatives": "catalogue"}, train_windows="all", epochs=2, lr=1e-2)
     result = train.run(config, show_progress=False)
     run_config = json.loads((result.run_dir / "config.json").read_text())
-    assert run_config["encoders"] == to_dict(train.EncoderChoice())  # unused by an ID model: not part of what it is
+    assert run_config["encoders"] == to_dict(EncoderConfig())  # unused by an ID model: not part of what it is
     parts = json.loads((result.run_dir / "best" / "config.json").read_text())["config"]
     assert parts["items"] == "id" and parts["num_items"] == 39
     assert set(saved(result.run_dir, "item_tower")) == {"embedding.weight"}
     assert set(result.metrics) == {"valid", "test"} and result.metrics["test"]["users"] == 39
-    reloaded = train.trained_setup(result.run_dir, torch.device("cpu"))  # what eval / recommend / export load
+    reloaded = trained_setup(result.run_dir, torch.device("cpu"))  # what eval / recommend / export load
     assert torch.equal(reloaded.model.item_tower.embedding.weight, saved(result.run_dir, "item_tower")["embedding.weight"])
     # Another catalogue (the toy without its last 9 items) cannot take the ID embeddings.
     other = tmp_path / "other" / "toy"
@@ -244,7 +257,7 @@ def test_sasrec_id_baseline_trains_and_evaluates_in_the_same_loop(toy, tmp_path)
     titles = other / "toy_items_texts.tsv"
     titles.write_text("".join(titles.read_text().splitlines(keepends=True)[:30]))
     with pytest.raises(ConfigError, match="cannot transfer to another catalogue"):
-        train.setup(train_config(toy, tmp_path, "x", stage="finetune", init=str(result.run_dir),
+        setup(train_config(toy, tmp_path, "x", stage="finetune", init=str(result.run_dir),
                                  model={}, data_dir=str(other.parent), cache_dir=str(tmp_path / "other-cache")),
                     torch.device("cpu"))
 
@@ -252,7 +265,7 @@ def test_sasrec_id_baseline_trains_and_evaluates_in_the_same_loop(toy, tmp_path)
 def test_morec_plus_plus_fuses_pooled_modalities_with_one_linear_layer(toy, tmp_path):
     config = train_config(toy, tmp_path, "morec", stage="finetune", model={
         "item_tower": {"d_model": 32, "fusion_heads": 2, "fusion": "concat"}, "user_encoder": {"d_model": 32}})
-    s = train.setup(config, torch.device("cpu"))
+    s = setup(config, torch.device("cpu"))
     tower = s.model.item_tower
     names = {k.split(".")[0] for k in tower.state_dict()}
     assert names == {"text_top", "text_proj", "vision_top", "vision_proj", "concat_fusion"}
@@ -293,7 +306,7 @@ def test_train_cli_settings_for_baselines_ablations_and_transfer(args, check, mo
 
 def test_preparation_settings_reach_training(toy, tmp_path):
     """`data.*` (k-core, truncation) is part of the train config, so training sees the prepared copy it asks for."""
-    loose = train.setup(train_config(toy, tmp_path, "loose", data={"min_core": 0, "truncate": True}), torch.device("cpu"))
+    loose = setup(train_config(toy, tmp_path, "loose", data={"min_core": 0, "truncate": True}), torch.device("cpu"))
     assert loose.dataset.config.min_core == 0 and loose.dataset.config.truncate  # not the defaults (5, False)
 
 
@@ -320,5 +333,5 @@ def test_transferred_heads_get_init_lr_and_fresh_ones_lr(transfer, toy, source_r
     assert by_lr[1e-5] == loaded - blocks
     assert not by_lr[1e-3] & loaded
     assert bool(by_lr[1e-3]) == (transfer != "full")  # the fresh part
-    scratch = train.setup(train_config(toy, tmp_path, "plain", stage="finetune", init_lr=1e-5), torch.device("cpu"))
+    scratch = setup(train_config(toy, tmp_path, "plain", stage="finetune", init_lr=1e-5), torch.device("cpu"))
     assert sorted(g["lr"] for g in train.optimizer_groups(scratch.model, scratch.config)) == [scratch.config.lr] * 2

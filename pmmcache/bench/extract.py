@@ -1,6 +1,7 @@
 """Extraction benchmark: items/s end to end (decode, tokenise, encode, write) vs encoding alone."""
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 from pmmcache.bench.common import gpu_peak_mb, host_peak_rss_mb, machine, reset_gpu_peak, resolve_device, synchronize
 from pmmcache.bench.reader import reader_bench
+from pmmcache.encoders.config import EncoderConfig, encoder_specs
 
 
 def encode_only_items_per_s(config: Any, device: torch.device, max_items: int = 1024) -> dict[str, Any]:
@@ -20,14 +22,14 @@ def encode_only_items_per_s(config: Any, device: torch.device, max_items: int = 
     from pmmcache.encoders import TextEncoder, VisionEncoder
 
     dataset = resolve_dataset(config.dataset, Path(config.data_dir), Path(config.cache_dir))
-    text_spec, vision_spec = extract.encoder_specs(config)
+    text_spec, vision_spec = encoder_specs(config.encoders, config.dataset)
     dtype = extract.DTYPES[config.dtype]
     text = TextEncoder.load(text_spec).to(device=device, dtype=dtype) if text_spec else None
     vision = VisionEncoder.load(vision_spec).to(device=device, dtype=dtype) if vision_spec and dataset.image_stores else None
     count = min(dataset.num_items, max_items)
     rows = torch.arange(1, count + 1).numpy()
     batches = [rows[i:i + config.batch_size] for i in range(0, count, config.batch_size)]
-    loader = extract.ItemRows(batches, *extract._item_columns(dataset), dataset.image_stores, text, vision)
+    loader = extract.ItemRows(batches, *extract.item_columns(dataset), dataset.image_stores, text, vision)
     loaded = [loader[i] for i in range(len(batches))]  # decoding and tokenising: not timed here
     inputs = [(b.input_ids.to(device) if text else None, b.attention_mask.to(device) if text else None,
                b.pixels.to(device=device, dtype=dtype) if vision else None) for b in loaded]
@@ -52,14 +54,18 @@ def run_extract_bench(dataset: str = "demo", items: int = 4000, tokens: int = 10
                       batch_items: int = 672, repeats: int = 5, device: str = "auto",
                       work_dir: str | None = None, **extract_options: Any) -> dict[str, Any]:
     """Extraction throughput on `dataset` (end to end and encoding alone) and the reader comparison on a
-    synthetic cache. `extract_options` are ExtractConfig fields (encoders, batch_size, dtype, ...)."""
+    synthetic cache. `extract_options` are ExtractConfig fields (batch_size, dtype, ...) and, beside
+    them, EncoderConfig fields (text_encoder, top_blocks, ...), as the bench's flags give them."""
     from pmmcache import extract
 
     dev = resolve_device(device)
     options = {k: v for k, v in extract_options.items() if v is not None}
+    encoder_fields = {f.name for f in dataclasses.fields(EncoderConfig)}
+    encoders = EncoderConfig(**{k: options.pop(k) for k in list(options) if k in encoder_fields})
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         work = Path(tmp)
-        config = extract.ExtractConfig(dataset=dataset, cache_dir=work / "cache", device=str(dev), force=True, **options)
+        config = extract.ExtractConfig(dataset=dataset, cache_dir=work / "cache", device=str(dev), force=True,
+                                       encoders=encoders, **options)
         reset_gpu_peak(dev)
         result = extract.run(config, show_progress=False)
         extraction = {"dataset": dataset, "items": result.items, "seconds": round(result.seconds, 2),

@@ -5,10 +5,13 @@ encoder) with the same objectives, batch (users x positions) and precision, in o
 
 - end_to_end: the released PMMRec code's way: the lower encoder blocks recomputed from token ids and
   pixels (already on the device, no image decoding) for the batch's unique items every step;
-- cached_<storage>: `pmmcache.train`'s step on states read through `ItemStore` / `CacheReader` from
-  a memory map, RAM or GPU memory, with the batch prepared in the step (`plain`) or one step ahead
-  on a background thread (`prefetch`, what `pmmcache train` does);
+- cached_<storage>: the step on states read through `ItemStore` / `CacheReader` from a memory map,
+  RAM or GPU memory, with the batch prepared in the step (`plain`) or one step ahead on a background
+  thread (`prefetch`, what `pmmcache train` does);
 - compute_only: the same step with every batch already prepared on the device (no data path).
+
+Every variant's step is `pmmcache.train.train_step`, the trainer's own: forward under accelerate's
+autocast, backward through the accelerator, clipping at GRAD_CLIP, AdamW and scheduler step.
 """
 from __future__ import annotations
 
@@ -20,12 +23,19 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
 from pmmcache import cache as cache_io
 from pmmcache.batches import Batch, Prefetcher, prepare_batch
 from pmmcache.bench.common import (bench_keys, build_encoders, build_model, default_size, gpu_peak_mb,
                                    host_peak_rss_mb, machine, reset_gpu_peak, resolve_device, synchronize,
                                    write_synthetic_cache)
+from pmmcache.items import ItemStore
+from pmmcache.run_config import TrainConfig
+from pmmcache.train import TrainingStep, make_optimizer, step_inputs, train_step
+
+
+GRAD_CLIP = 1.0  # clipping is timed too (the trainer clips when --grad-clip > 0)
 
 
 class RecomputingStore:
@@ -45,24 +55,6 @@ class RecomputingStore:
         return cache_io.ItemStates(text=text, text_mask=self.token_mask[index].bool(), image=image, modality=modality)
 
 
-def train_step(step_module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
-               weights: dict[str, float], autocast: Callable[[], Any]) -> float:
-    """One optimizer step as `pmmcache.train.run` takes it (loss read back once per step)."""
-    with autocast():
-        losses = step_module(batch.ids, batch.inverse, batch.states, batch.corrupted_inverse, batch.labels)
-        loss = sum(weights[name] * value for name, value in losses.items())
-    value = loss.item()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return value
-
-
-def _autocast(device: torch.device, precision: str) -> Callable[[], Any]:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = None, warmup: int | None = None, rounds: int = 3,
                    catalogue: int | None = None, device: str = "auto", precision: str = "auto",
                    stage: str = "pretrain", storages: tuple[str, ...] | None = None, work_dir: str | None = None,
@@ -72,9 +64,6 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
     Each variant runs `rounds` times, the variants taking turns, `warmup` + `steps` steps each; a
     variant's figure is the median over its rounds, so a load change on a shared machine hits all
     variants alike instead of the one that happened to run then."""
-    from pmmcache.items import ItemStore
-    from pmmcache.train import ObjectiveConfig, TrainingStep
-
     dev = resolve_device(device)
     size = default_size(dev, **size_options)
     precision = ("bf16" if dev.type == "cuda" else "fp32") if precision == "auto" else precision
@@ -82,15 +71,21 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
     warmup = (2 if dev.type == "cuda" else 1) if warmup is None else warmup
     catalogue = catalogue or (4000 if dev.type == "cuda" else 2000)
     storages = storages or (("memmap", "ram") + (("gpu",) if dev.type == "cuda" else ()))
-    autocast = _autocast(dev, precision)
-    weights = {"dap": 1.0} if stage == "finetune" else {"dap": 1.0, "nicl": 1.0, "nid": 1.0, "rcl": 1.0}
+    # The trainer's step (pmmcache.train.train_step): its optimizer, schedule, clipping and accelerator.
+    config = TrainConfig(stage=stage, lr=1e-5, grad_clip=GRAD_CLIP)
+    accelerator = Accelerator(mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(precision, "no"),
+                              cpu=dev.type != "cuda", device_placement=False,  # everything is placed on `dev` here
+                              step_scheduler_with_optimizer=False)  # as the trainer: once per optimizer step
+    autocast = accelerator.autocast
+    weights = config.weights
     corruption = (0.15, 0.05) if stage == "pretrain" else None
 
     text, vision = build_encoders(size, seed)
     model = build_model(size, text, vision, positions, nid_head="nid" in weights).to(dev)
     text, vision = text.to(dev), vision.to(dev)  # the lower blocks, for the end-to-end baseline
-    step_module = TrainingStep(model, ObjectiveConfig(), weights, None).to(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    step_module = TrainingStep(model, config.objectives, weights, None).to(dev)
+    optimizer, scheduler = make_optimizer(model, config)
+    step_module, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
 
     rng = np.random.default_rng(seed)
     total = warmup + steps
@@ -112,7 +107,7 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
             if step == warmup:
                 synchronize(dev)
                 start = time.perf_counter()
-            train_step(step_module, optimizer, batch, weights, autocast)
+            train_step(step_module, step_inputs(batch, dev), weights, accelerator, optimizer, scheduler, GRAD_CLIP)
         synchronize(dev)
         return {"ms": round((time.perf_counter() - start) * 1e3 / steps, 2), "gpu_peak_mb": gpu_peak_mb(dev)}
 

@@ -137,6 +137,17 @@ class PreparedDataset:
         values = column.values.to_numpy(zero_copy_only=False).astype(np.int32)
         return values, offsets[:-1], offsets[1:]
 
+    def prefix_cases(self, ends_with: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every prefix of a complete user sequence whose last item is one of `ends_with` ((N + 1,)
+        bool by item index) and that has something before it: its history ((C, max_len) int32, the
+        last max_len items before it, left-padded with 0) and that last item ((C,) int32 targets)."""
+        values, starts, ends = self._sequences()
+        positions = _ranges(starts, ends)  # (V,) every position of every sequence in `values`
+        owners = np.repeat(np.arange(len(starts)), ends - starts)  # (V,) its user
+        case = ends_with[values[positions]] & (positions > starts[owners])  # a chosen item with something before it
+        positions, owners = positions[case], owners[case]
+        return _left_padded(values, starts[owners], positions, max_len), values[positions].astype(np.int32)
+
     def split_arrays(
         self, split: Literal["train", "valid", "test"], max_len: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -115,7 +115,7 @@ def read_pmmrec(directory: str | Path, name: str, images: str | Path | None = No
     files = [str(users_path.resolve())]
 
     if texts_path.is_file():
-        items = _read_pmmrec_texts(texts_path)
+        items = read_pmmrec_texts(texts_path)
         if not items:
             raise DataError("lists no items (expected `item \\t text` per line)", texts_path)
         files.append(str(texts_path.resolve()))
@@ -167,7 +167,9 @@ def read_pmmrec(directory: str | Path, name: str, images: str | Path | None = No
     )
 
 
-def _read_pmmrec_texts(path: Path) -> dict[str, str | None]:
+def read_pmmrec_texts(path: Path) -> dict[str, str | None]:
+    """An items file of the PMMRec layout (`item \\t text` per line): item id -> text (None when empty).
+    A malformed line, an empty id or a duplicate item is a DataError naming the file and line."""
     items: dict[str, str | None] = {}
     first_line: dict[str, int] = {}
     for number, line in _lines(path):

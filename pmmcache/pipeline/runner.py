@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pmmcache import train
+from pmmcache import evaluate, train
 from pmmcache.config import from_dict, to_dict
 from pmmcache.errors import ConfigError, PmmcacheError
 from pmmcache.files import write_json
 from pmmcache.pipeline.recipe import PRETRAIN_DIR, Recipe, slug
+from pmmcache.run_config import TrainConfig
+from pmmcache.runs import RESUMABLE_CHANGES, with_init_model
 
 COLD_START_FILE = "eval-cold-start.json"
 PIPELINE_FILE = "pipeline.json"  # which recipe cell made the run, and from which pre-training run
@@ -37,7 +39,7 @@ class PlannedRun:
     name: str  # the pretrain run's or the cell's name
     dataset: str  # what it trains on: the target dataset of a cell, the sources of a pre-training run
     seed: int
-    config: train.TrainConfig
+    config: TrainConfig
     init_dir: Path | None = None  # the pre-training run a cell starts from
     cold_start: int | None = None  # the cold-item threshold when the recipe asks for cold-start numbers
 
@@ -94,11 +96,11 @@ def plan(recipe: Recipe, runs_root: Path, only: tuple[str, ...] = (), source: st
 
 
 def _config(recipe: Recipe, settings: dict[str, Any], fields: dict[str, Any], source: str,
-            where: str) -> train.TrainConfig:
+            where: str) -> TrainConfig:
     """defaults < the run's settings (nested tables merged) < what the runner sets."""
     data = deep_merge(deep_merge(recipe.defaults, settings), {**fields, "run_name": f"seed-{fields['seed']}"})
     try:
-        return from_dict(train.TrainConfig, data)
+        return from_dict(TrainConfig, data)
     except ConfigError as err:
         raise ConfigError(f"{source}: {_blame(recipe, str(err), where)}: {err}") from err
 
@@ -106,14 +108,14 @@ def _config(recipe: Recipe, settings: dict[str, Any], fields: dict[str, Any], so
 def _blame(recipe: Recipe, message: str, where: str) -> str:
     """`defaults` when the defaults alone fail the same way (a typo there), else the run's own place."""
     try:
-        from_dict(train.TrainConfig, recipe.defaults)
+        from_dict(TrainConfig, recipe.defaults)
     except ConfigError as err:
         if str(err) == message:
             return "defaults"
     return where
 
 
-def _check_metrics(recipe: Recipe, config: train.TrainConfig, where: str) -> None:
+def _check_metrics(recipe: Recipe, config: TrainConfig, where: str) -> None:
     missing = [m for m in recipe.metrics if int(m.split("@")[1]) not in config.ks]
     if missing:
         raise ConfigError(f"{where}: metrics {', '.join(missing)} are not evaluated (ks = {list(config.ks)})")
@@ -145,7 +147,7 @@ def run_state(run: PlannedRun) -> RunState:
         recorded = _read_json(run_dir / PIPELINE_FILE).get("init_fingerprint")
         if recorded is not None and recorded != init_fingerprint(run.init_dir):
             differences.append(f"init (the pre-training run {run.init_dir} was retrained or is unfinished)")
-    extendable = all(d.split(".")[0] in train.RESUMABLE_CHANGES for d in differences)
+    extendable = all(d.split(".")[0] in RESUMABLE_CHANGES for d in differences)
     if differences and (finished or not extendable):
         return RunState("changed", ", ".join(differences))
     if not finished:
@@ -159,11 +161,11 @@ def run_state(run: PlannedRun) -> RunState:
     return RunState("finished")
 
 
-def _as_train_saves_it(config: train.TrainConfig) -> train.TrainConfig:
+def _as_train_saves_it(config: TrainConfig) -> TrainConfig:
     """train.run saves the config as `with_init_model` resolves it (the init run's architecture, the
     NID head only when NID is trained); compare like with like."""
     try:
-        return train.with_init_model(config)
+        return with_init_model(config)
     except PmmcacheError:  # the init run is not there (yet): compare the config as asked
         return config
 
@@ -177,7 +179,7 @@ def config_differences(saved: Any, current: Any, defaults: Any = _MISSING, prefi
     A setting missing from the saved config counts as its default: a TrainConfig field added later
     does not invalidate runs made before it existed, as long as the recipe leaves it at its default."""
     if defaults is _MISSING:
-        defaults = to_dict(train.TrainConfig())
+        defaults = to_dict(TrainConfig())
     if isinstance(saved, dict) and isinstance(current, dict):
         found = []
         for key in sorted(saved.keys() | current.keys()):
@@ -223,7 +225,6 @@ def run_pipeline(recipe: Recipe, runs_root: Path, *, only: tuple[str, ...] = (),
     changed = [(run, state) for run, state in zip(runs, states) if state.state == "changed"]
     if changed and not force:
         raise PmmcacheError(_changed_message(changed))
-    evaluator = cold_start_evaluator() if recipe.cold_start else None
     done: list[str] = []
     for index, run in enumerate(runs, 1):
         state = run_state(run)  # again: a pre-training run retrained above changes its cells' state
@@ -243,8 +244,8 @@ def run_pipeline(recipe: Recipe, runs_root: Path, *, only: tuple[str, ...] = (),
             echo(f"{prefix} {'resume' if state.state == 'resume' else 'train':<8} {run.label}  {run.run_dir}"
                  f"{'  ' + state.detail if state.detail else ''}")
             _train(run, resume=state.state == "resume", show_progress=show_training)
-        if run.cold_start is not None and evaluator is not None:
-            _evaluate_cold_start(evaluator, run)
+        if run.cold_start is not None:
+            _evaluate_cold_start(run)
         if run.kind == "cell":
             write_json(run.run_dir / PIPELINE_FILE, {
                 "recipe": recipe.name, "cell": run.name, "dataset": run.dataset, "seed": run.seed,
@@ -261,22 +262,13 @@ def run_pipeline(recipe: Recipe, runs_root: Path, *, only: tuple[str, ...] = (),
 def _train(run: PlannedRun, resume: bool, show_progress: bool) -> None:
     if not resume and run.run_dir.exists():  # a directory without config.json holds nothing to keep
         shutil.rmtree(run.run_dir)
-    train.run(from_dict(train.TrainConfig, {**to_dict(run.config), "resume": resume}), show_progress=show_progress)
+    train.run(from_dict(TrainConfig, {**to_dict(run.config), "resume": resume}), show_progress=show_progress)
 
 
-def cold_start_evaluator() -> Callable[..., dict[str, Any]]:
-    """`pmmcache.coldstart.evaluate_run`, imported only when a recipe asks for cold-start numbers."""
-    try:
-        from pmmcache.coldstart import evaluate_run
-    except ImportError as err:
-        raise PmmcacheError("evaluate: cold_start needs pmmcache.coldstart.evaluate_run, which this "
-                            f"installation lacks ({err})") from err
-    return evaluate_run
-
-
-def _evaluate_cold_start(evaluator: Callable[..., dict[str, Any]], run: PlannedRun) -> None:
-    output = run.run_dir / COLD_START_FILE
-    evaluator(run.run_dir, threshold=run.cold_start, mask_history=run.config.mask_history, output=output)
+def _evaluate_cold_start(run: PlannedRun) -> None:
+    evaluate.run(evaluate.EvalConfig(run=run.run_dir, full_rank=False, cold_start=True, cold_threshold=run.cold_start,
+                                     mask_history=run.config.mask_history, output=run.run_dir / COLD_START_FILE),
+                 show=False)
 
 
 def _test_line(run_dir: Path, metrics: tuple[str, ...]) -> str:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from helpers.tiny_models import save_tiny_bert
 from pmmcache.config import from_dict
+from pmmcache.encoders.config import EncoderConfig
 from pmmcache.extract import ExtractConfig
 from pmmcache.extract import run as extract
 from pmmcache.train import TrainConfig
@@ -59,8 +60,9 @@ def make_toy(data_dir: Path) -> None:
 
 def extract_config(toy: Toy, bert_dir: Path | None = None, cache_dir: Path | None = None) -> ExtractConfig:
     return ExtractConfig(dataset=NAME, data_dir=toy.data_dir, cache_dir=cache_dir or toy.cache_dir,
-                         text_encoder=str(bert_dir or toy.bert_dir), vision_encoder="pmmcache-tiny-vit",
-                         vision_weights="random", top_blocks=K, max_text_length=TEXT_TOKENS, image_size=IMAGE_SIZE,
+                         encoders=EncoderConfig(text_encoder=str(bert_dir or toy.bert_dir),
+                                                vision_encoder="pmmcache-tiny-vit", vision_weights="random",
+                                                top_blocks=K, max_text_length=TEXT_TOKENS, image_size=IMAGE_SIZE),
                          batch_size=16, num_workers=0, device="cpu")
 
 
