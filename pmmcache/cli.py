@@ -542,7 +542,7 @@ def bench_eval(output: str | None, **options: Any) -> None:
 @click.option("--batch-items", default=672, show_default=True, help="Random items per batch (32 users x 21).")
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--device", default="auto", show_default=True, help=HELP["device"])
-@encoder_options(EXTRACT, seed=False)
+@encoder_options(EXTRACT, prefix="encoders.", seed=False)
 @extraction_options
 @click.option("--work-dir", type=click.Path(file_okay=False), help=HELP["work_dir"])
 @click.option("--output", type=click.Path(dir_okay=False), help=HELP["output_json"])

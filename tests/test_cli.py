@@ -127,7 +127,7 @@ def test_recommend_takes_top_not_k(tmp_path):
 
 
 def test_extract_encoder_seed_is_the_seed_of_the_vision_init(toy, tmp_path):
-    """`extract --encoder-seed 1` sets ExtractConfig.seed, the key config files and recipes use: the cache
+    """`extract --encoder-seed 1` sets ExtractConfig.encoders.seed, the key config files and recipes use: the cache
     says so in its manifest and in its name."""
     args = ["extract", "--dataset", NAME, "--data-dir", str(toy.data_dir), "--cache-dir", str(tmp_path),
             "--text-encoder", str(toy.bert_dir), "--vision-encoder", "pmmcache-tiny-vit", "--vision-weights", "random",
@@ -136,4 +136,4 @@ def test_extract_encoder_seed_is_the_seed_of_the_vision_init(toy, tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     (path,) = (tmp_path / NAME).glob("*.h5")
-    assert path.stem.endswith(f"-{IMAGE_SIZE}-seed1") and read_manifest(path)["extract"]["seed"] == 1
+    assert path.stem.endswith(f"-{IMAGE_SIZE}-seed1") and read_manifest(path)["extract"]["encoders"]["seed"] == 1

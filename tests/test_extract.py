@@ -3,6 +3,8 @@ settings, reports bad items, handles one-modality data, runs under `accelerate l
 fails fast on a missing model."""
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import importlib.metadata
 import json
@@ -590,7 +592,7 @@ def test_int8_cache_is_half_the_size_reads_as_the_float16_one_and_resumes(baseli
     # Stage 2 compares the encoders only: a model of the float16 cache's encoders reads the int8 cache.
     cache_io.check_manifest(result.path, {name: fp16.manifest[name] for name in ("text", "image")})
     # Stage 2 finds the int8 cache when it is the only one of these encoders.
-    text, vision = encoder_specs(config)
+    text, vision = encoder_specs(config.encoders, config.dataset)
     encoders = (TextEncoder.load(text), VisionEncoder.load(vision))
     assert find_cache(tmp_path / "cache", NAME, *encoders) == result.path
     # The float16 cache of the same encoders is another file: extracting it leaves the int8 one alone.
@@ -618,7 +620,9 @@ def test_a_vision_seed_other_than_0_gets_its_own_cache_file(baseline, toy_data, 
     """Seeds 0 and 1 of a random vision init give other states: two files, neither refused nor overwritten."""
     cache_dir = tmp_path / "cache"
     shutil.copytree(baseline.path.parent.parent, cache_dir)
-    seeded = run(toy_config(toy_data, cache_dir, bert_dir, seed=1), show_progress=False)
+    seed1 = toy_config(toy_data, cache_dir, bert_dir)
+    seed1 = dataclasses.replace(seed1, encoders=dataclasses.replace(seed1.encoders, seed=1))
+    seeded = run(seed1, show_progress=False)
     assert seeded.path.name == baseline.path.name.replace(f"-{IMAGE_SIZE}.h5", f"-{IMAGE_SIZE}-seed1.h5")
     assert not seeded.already_complete and seeded.items == NUM_ITEMS
     seed0 = cache_dir / NAME / baseline.path.name
@@ -628,5 +632,5 @@ def test_a_vision_seed_other_than_0_gets_its_own_cache_file(baseline, toy_data, 
     assert cache_io.read_manifest(seeded.path)["image"]["lower_fingerprint"] != \
         cache_io.read_manifest(seed0)["image"]["lower_fingerprint"]
     # Stage 2 with the same seed finds its file by name.
-    text, vision = encoder_specs(toy_config(toy_data, cache_dir, bert_dir, seed=1))
+    text, vision = encoder_specs(seed1.encoders, seed1.dataset)
     assert find_cache(cache_dir, NAME, TextEncoder.load(text), VisionEncoder.load(vision)) == seeded.path
