@@ -367,10 +367,12 @@ def train(config_file: str | None, settings: tuple[str, ...], **options: Any) ->
 @click.option("--cold-start", is_flag=True, help="Every prefix of a user's sequence that ends with a cold item (paper IV-F2, Table VII).")
 @click.option("--cold-threshold", type=click.IntRange(min=1), default=10, show_default=True, help="Items with fewer training occurrences than this are cold.")
 @click.option("--dataset", help="Evaluate on another dataset than the run's (its items must be in a cache).")
+@click.option("--cache-dataset", help="Which extracted cache holds the items.  [default: the run's; with --dataset, "
+              "that dataset's own cache]")
 @click.option("--no-mask-history", is_flag=True, help="Do not mask the user's history before ranking (RecBole's default).")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the JSON here (one mode only).  [default: <run>/eval-full-rank.json, <run>/eval-cold-start.json]")
 def eval_(run_dir: str, full_rank: bool, cold_start: bool, cold_threshold: int, dataset: str | None,
-          no_mask_history: bool, output: str | None) -> None:
+          cache_dataset: str | None, no_mask_history: bool, output: str | None) -> None:
     """Evaluate a run's best model with full ranking over all items: HR and NDCG at 10, 20, 50.
 
     --full-rank (the default) scores valid and test; --cold-start scores the cold-item cases; give both
@@ -380,8 +382,8 @@ def eval_(run_dir: str, full_rank: bool, cold_start: bool, cold_threshold: int, 
     _quiet_libraries()
     stage.run(from_dict(stage.EvalConfig, {
         "run": run_dir, "full_rank": full_rank or not cold_start, "cold_start": cold_start,
-        "cold_threshold": cold_threshold, "dataset": dataset, "mask_history": not no_mask_history,
-        "output": output}))
+        "cold_threshold": cold_threshold, "dataset": dataset, "cache_dataset": cache_dataset,
+        "mask_history": not no_mask_history, "output": output}))
 
 
 _RUN = click.option("--run", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run directory (runs/<run>).")

@@ -154,6 +154,8 @@ def load_run(run_dir: Path, dataset: str | None = None, mask_history: bool = Tru
     for name, value in (("dataset", dataset), ("storage", storage), ("cache_dataset", cache_dataset)):
         if value:
             changes[name] = value
+    if dataset and not cache_dataset:  # another dataset's items are in its own cache, not the run's
+        changes["cache_dataset"] = None
     accelerator = accelerator or Accelerator(cpu=use_cpu())
     s = trained_setup(Path(run_dir), accelerator.device, **changes)
     s.model.to(accelerator.device).eval()

@@ -182,3 +182,21 @@ def test_a_run_that_recorded_the_ignored_encoders_modalities_still_loads(trained
     (copy / "config.json").write_text(json.dumps(config))
     s, _ = load_run(copy)
     assert s.model.config.item_tower.modalities == ("text", "image")
+
+
+def test_eval_on_another_dataset_reads_that_datasets_cache_unless_told_otherwise(trained_run, tmp_path):
+    """A run trained on a cache of another dataset (as demo/<domain> runs read the `demo` cache) evaluated
+    with --dataset X reads X's own cache, not the run's; --cache-dataset names one explicitly."""
+    import shutil
+
+    from pmmcache.runs import load_run
+
+    copy = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    config = json.loads((copy / "config.json").read_text())
+    config["cache_dataset"] = "elsewhere"  # the run's items came from another dataset's cache
+    (copy / "config.json").write_text(json.dumps(config))
+    s, _ = load_run(copy, dataset=config["dataset"])
+    assert s.config.cache_dataset is None and s.cache_path.parent.name == config["dataset"]
+    result = CliRunner().invoke(main, ["eval", "--run", str(copy), "--dataset", config["dataset"],
+                                       "--cache-dataset", "elsewhere"])
+    assert result.exit_code == 2 and "elsewhere" in result.output, result.output
