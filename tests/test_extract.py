@@ -226,10 +226,14 @@ import sys, time
 import pmmcache.cache as cache_io
 
 original = cache_io.CacheWriter.write
+calls = []
 
 def slow_write(self, rows, arrays):
     original(self, rows, arrays)
-    time.sleep(0.2)  # leaves time to interrupt between batches
+    calls.append(len(rows))
+    # After the second batch, wait to be interrupted: however loaded the machine, the signal then always
+    # arrives mid-extraction (a fixed short pause let a slow poller see the rows only once it had finished).
+    time.sleep(60 if len(calls) == 2 else 0.05)
 
 cache_io.CacheWriter.write = slow_write
 from pmmcache.cli import main
