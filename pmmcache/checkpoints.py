@@ -11,11 +11,15 @@ copy, a replaced file) `--resume` falls back to the one before it instead of sta
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from pmmcache.errors import PmmcacheError
 from pmmcache.files import write_json
 
 KEEP = 2  # complete checkpoints kept: the newest and one to fall back to
@@ -108,3 +112,34 @@ def prune(checkpoints: Path, keep: int = KEEP) -> None:
     for path in Path(checkpoints).glob(f"{PREFIX}*"):
         if path not in kept:
             remove(path)
+
+
+# How a full disk shows through the writers a checkpoint uses: OSError (ENOSPC / EDQUOT), torch's
+# "file write failed", safetensors' Rust IoError (os error 28, StorageFull).
+DISK_FULL_SIGNS = ("no space left", "file write failed", "storagefull", "os error 28", "quota exceeded")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(sign in str(err).lower() for sign in DISK_FULL_SIGNS)
+
+
+@contextmanager
+def explain_disk_full(target: Path, last_good: Path | None) -> Iterator[None]:
+    """A disk full while writing checkpoint `target` (or best/) becomes one message saying where, how much
+    is free and what to do; the unsealed checkpoint is ignored by --resume, so the run loses at most an epoch."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, PmmcacheError) or not is_disk_full(err):
+            raise
+        where = Path(target)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        raise PmmcacheError(
+            f"disk full while saving the checkpoint {target} ({free / 1e6:.0f} MB free there; "
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else err!r}). The last good "
+            f"checkpoint is {last_good or 'none (no epoch finished)'}: free some space and rerun the same "
+            "command with --resume") from err

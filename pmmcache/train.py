@@ -479,6 +479,16 @@ def _save_epoch(accelerator: Accelerator, model: PMMRec, run_dir: Path, state: T
     if accelerator.is_main_process:
         ckpt.remove(target)  # a damaged one resume passed over: never mix its files with the new ones
     accelerator.wait_for_everyone()
+    with ckpt.explain_disk_full(target, ckpt.latest_checkpoint(checkpoints)):
+        _write_epoch(accelerator, model, run_dir, state, improved, record, history, target)
+    accelerator.wait_for_everyone()
+
+
+def _write_epoch(accelerator: Accelerator, model: PMMRec, run_dir: Path, state: TrainState, improved: bool,
+                 record: dict[str, Any], history: list[dict[str, Any]], target: Path) -> None:
+    """The files of one epoch's checkpoint, best/ when it improved, metrics.jsonl; then the seal."""
+    checkpoints = run_dir / "checkpoints"
+    epoch = state.epoch
     accelerator.save_state(str(target), safe_serialization=True)
     accelerator.wait_for_everyone()  # every process's RNG state is written before the checksums
     if accelerator.is_main_process:
@@ -492,4 +502,3 @@ def _save_epoch(accelerator: Accelerator, model: PMMRec, run_dir: Path, state: T
         write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
         ckpt.seal(target, epoch)  # written last: a checkpoint without it is ignored
         ckpt.prune(checkpoints)
-    accelerator.wait_for_everyone()

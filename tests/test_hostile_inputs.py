@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np
+from accelerate import Accelerator
 import pytest
 from click.testing import CliRunner
 
@@ -92,6 +93,30 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_the_last_is_damaged(d
     assert resumed.metrics["test"] == pytest.approx(finished.metrics["test"], abs=1e-6)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0002", "epoch-0003"]
     assert train.resume_point(run_dir / "checkpoints")[0] == checkpoint(run_dir, 3)  # the redone epoch 2 is intact
+
+
+def test_a_disk_full_while_checkpointing_says_where_and_what_to_do_and_resume_works(toy, finished, tmp_path,
+                                                                                    monkeypatch):
+    runs = tmp_path / "runs"
+    real_save = Accelerator.save_state
+
+    def full_at_epoch_2(self, output_dir, **kwargs):
+        if output_dir.endswith("epoch-0002"):
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half a file")
+            raise RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing "
+                               "file data/0: file write failed")
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_at_epoch_2)
+    with pytest.raises(PmmcacheError) as err:
+        train.run(train_config(toy, runs, "full", epochs=3), show_progress=False)
+    message = str(err.value)
+    assert f"disk full while saving the checkpoint {checkpoint(runs / 'full', 2)}" in message
+    assert f"The last good checkpoint is {checkpoint(runs / 'full', 1)}" in message and "--resume" in message
+    monkeypatch.setattr(Accelerator, "save_state", real_save)  # space freed
+    resumed = train.run(train_config(toy, runs, "full", epochs=3, resume=True), show_progress=False)
+    assert [learned(r) for r in resumed.history] == [learned(r) for r in finished.history]
 
 
 def test_an_older_checkpoint_without_checksums_is_checked_by_loading_it(toy, finished, tmp_path, capsys):
