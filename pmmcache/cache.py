@@ -302,7 +302,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
                 raise CacheMismatchError(
                     f"{path}: cache format version {version}, this pmmcache reads {FORMAT_VERSION}; "
                     "re-extract with --force")
-            return json.loads(f.attrs["manifest"])
+            manifest = json.loads(f.attrs["manifest"])
+            if not isinstance(manifest, dict):
+                raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+            return manifest
+    except (KeyError, ValueError) as err:  # no manifest attribute, or not JSON: written by something else
+        raise PmmcacheError(f"{path}: its manifest is missing or damaged ({err}); re-extract with --force") from err
     except OSError as err:
         raise PmmcacheError(f"{path}: not a readable pmmcache cache ({err}); delete it or re-extract with --force") from err
 

@@ -221,6 +221,22 @@ def test_verify_cache_names_a_damaged_row_exits_non_zero_and_reencode_repairs_it
     assert runner.invoke(main, ["verify-cache", str(path)]).exit_code == 0
 
 
+@pytest.mark.parametrize("manifest", ['{"dataset": ', '[1, 2]', None], ids=["truncated", "not-an-object", "missing"])
+def test_a_damaged_cache_manifest_is_one_error_naming_the_file(extracted, manifest):
+    import h5py
+
+    _, cache_dir, path = extracted
+    with h5py.File(path, "r+") as f:
+        if manifest is None:
+            del f.attrs["manifest"]
+        else:
+            f.attrs["manifest"] = manifest
+    result = CliRunner().invoke(main, ["verify-cache", str(path)])
+    assert result.exit_code == 2 and f"error: {path}: its manifest is missing or damaged" in result.output, \
+        result.output
+    assert "re-extract with --force" in result.output and "Traceback" not in result.output
+
+
 def test_non_finite_states_are_reported_even_with_a_matching_checksum(extracted):
     _, _, path = extracted
     damage(path, 2, "text/states", np.nan)
