@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,12 @@ def test_force_retrains_a_changed_run_and_the_report_leaves_out_stale_ones(tiny)
     report = pipeline_cli("report", str(path), "--runs-dir", str(runs)).output
     assert "note: left out, made with other settings (lr): From scratch / toy / seed 42" in report
     assert "| toy | HR@10 | – |" in report
+
+
+def test_a_damaged_run_config_is_named_not_a_traceback(tiny, tmp_path):
+    path, runs, _ = tiny
+    copy = Path(shutil.copytree(runs, tmp_path / "runs"))
+    config = cell_dir(copy, "from-scratch") / "config.json"
+    config.write_text('{"stage": ')  # truncated by a full disk or a crash
+    result = pipeline_cli("run", str(path), "--runs-dir", str(copy), "--dry-run", code=2)
+    assert f"error: {config}: damaged" in result.output and "Traceback" not in result.output

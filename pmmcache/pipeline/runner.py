@@ -140,7 +140,7 @@ def run_state(run: PlannedRun) -> RunState:
     run_dir = run.run_dir
     if not (run_dir / "config.json").is_file():
         return RunState("new")
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = _read_json(run_dir / "config.json")
     differences = config_differences(saved, to_dict(_as_train_saves_it(run.config)))
     finished = (run_dir / "eval.json").is_file()
     if run.init_dir is not None and finished:
@@ -199,7 +199,17 @@ def init_fingerprint(init_dir: Path) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A run file's JSON object ({} when absent); a damaged one is an error naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise PmmcacheError(f"{path}: damaged ({err}); delete the run directory {path.parent} to retrain it") from err
+    if not isinstance(data, dict):
+        raise PmmcacheError(f"{path}: a JSON {type(data).__name__}, not the object pmmcache writes; delete the run "
+                            f"directory {path.parent} to retrain it")
+    return data
 
 
 # ------------------------------------------------------------------------------------------ execution
