@@ -38,19 +38,56 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import uuid
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import h5py
 import numpy as np
 import torch
 
 from pmmcache.errors import CacheMismatchError, PmmcacheError
+
+if TYPE_CHECKING:  # the specs are only named here: cache.py sits below the encoders
+    from pmmcache.encoders import TextEncoderSpec, VisionEncoderSpec
+
+
+# ---- where a cache lives: its file name says what made its states
+
+def _slug(text: str) -> str:
+    """A file-name-safe name: hub ids as they are, local paths by their last two folders."""
+    if os.sep in text:
+        text = "-".join(Path(text).parts[-2:])
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def cache_key(text: TextEncoderSpec | None, vision: VisionEncoderSpec | None, storage_dtype: str = "float16") -> str:
+    """File stem naming the encoders, split and storage, e.g. `text-xlm-roberta-base-k2-L50+image-ViT-B-32-openai-k2-224`.
+
+    Whatever changes the stored states is in the name, so caches of other settings sit side by side
+    instead of `--force` overwriting one with the other: a random vision init with a seed other than 0
+    adds `-seed<N>` to the image part, a storage dtype other than float16 adds `+<dtype>`. The default
+    settings keep the short name, so caches made before these parts existed are still found."""
+    parts = []
+    if text is not None:
+        parts.append(f"text-{_slug(text.name)}-k{text.top_blocks}-L{text.max_length}")
+    if vision is not None:
+        seeded = vision.weights == "random" and vision.seed != 0  # the seed means nothing for loaded weights
+        parts.append(f"image-{_slug(vision.name)}-{_slug(vision.weights)}-k{vision.top_blocks}-{vision.image_size}"
+                     + (f"-seed{vision.seed}" if seeded else ""))
+    if storage_dtype != "float16":
+        parts.append(storage_dtype)
+    return "+".join(parts)
+
+
+def cache_path(cache_dir: Path, dataset: str, key: str) -> Path:
+    return Path(cache_dir) / dataset.replace("/", "_").replace(",", "+") / f"{key}.h5"
+
 
 FORMAT_VERSION = 1
 

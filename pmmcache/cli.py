@@ -119,6 +119,7 @@ RECOMMEND = "pmmcache.recommend:RecommendConfig"
 ADD_ITEMS = "pmmcache.recommend:AddItemsConfig"
 EXPORT = "pmmcache.recommend:ExportConfig"
 DEMO = "pmmcache.demo_job:DemoJobConfig"
+EVAL = "pmmcache.evaluate:EvalConfig"
 
 # One help text per flag name, for the flags several verbs share (tests/test_cli.py holds every verb to it).
 HELP = {
@@ -362,17 +363,24 @@ def train(config_file: str | None, settings: tuple[str, ...], **options: Any) ->
 
 
 @main.command("eval")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run directory (runs/<run>).")
-@click.option("--full-rank", is_flag=True, help="Valid and test split (leave-one-out), every item ranked for every user.  [default when no mode is given]")
-@click.option("--cold-start", is_flag=True, help="Every prefix of a user's sequence that ends with a cold item (paper IV-F2, Table VII).")
-@click.option("--cold-threshold", type=click.IntRange(min=1), default=10, show_default=True, help="Items with fewer training occurrences than this are cold.")
-@click.option("--dataset", help="Evaluate on another dataset than the run's (its items must be in a cache).")
-@click.option("--cache-dataset", help="Which extracted cache holds the items.  [default: the run's; with --dataset, "
-              "that dataset's own cache]")
-@click.option("--no-mask-history", is_flag=True, help="Do not mask the user's history before ranking (RecBole's default).")
-@click.option("--output", type=click.Path(dir_okay=False), help="Write the JSON here (one mode only).  [default: <run>/eval-full-rank.json, <run>/eval-cold-start.json]")
-def eval_(run_dir: str, full_rank: bool, cold_start: bool, cold_threshold: int, dataset: str | None,
-          cache_dataset: str | None, no_mask_history: bool, output: str | None) -> None:
+@click.option("--run", type=click.Path(file_okay=False, exists=True), help="A trained run directory (runs/<run>).")
+@config_option(EVAL, "--full-rank", is_flag=True, default=None,
+               help="Valid and test split (leave-one-out), every item ranked for every user (the mode when none is given).")
+@config_option(EVAL, "--cold-start", is_flag=True, default=None,
+               help="Every prefix of a user's sequence that ends with a cold item (paper IV-F2, Table VII).")
+@config_option(EVAL, "--cold-threshold", type=click.IntRange(min=1),
+               help="Items with fewer training occurrences than this are cold.")
+@config_option(EVAL, "--dataset", none_means="the run's",
+               help="Evaluate on another dataset than the run's (its items must be in a cache).")
+@config_option(EVAL, "--cache-dataset", none_means="the run's; with --dataset, that dataset's own cache",
+               help="Which extracted cache holds the items.")
+@click.option("--no-mask-history", is_flag=True, default=None,
+              help="Do not mask the user's history before ranking (RecBole's default; mask_history=false).")
+@config_option(EVAL, "--output", type=click.Path(dir_okay=False),
+               none_means="<run>/eval-full-rank.json, <run>/eval-cold-start.json",
+               help="Write the JSON here (one mode only).")
+@config_file_options
+def eval_(config_file: str | None, settings: tuple[str, ...], no_mask_history: bool | None, **options: Any) -> None:
     """Evaluate a run's best model with full ranking over all items: HR and NDCG at 10, 20, 50.
 
     --full-rank (the default) scores valid and test; --cold-start scores the cold-item cases; give both
@@ -380,10 +388,14 @@ def eval_(run_dir: str, full_rank: bool, cold_start: bool, cold_threshold: int, 
     from pmmcache import evaluate as stage
 
     _quiet_libraries()
-    stage.run(from_dict(stage.EvalConfig, {
-        "run": run_dir, "full_rank": full_rank or not cold_start, "cold_start": cold_start,
-        "cold_threshold": cold_threshold, "dataset": dataset, "cache_dataset": cache_dataset,
-        "mask_history": not no_mask_history, "output": output}))
+    if options.get("cold_start") and options.get("full_rank") is None:
+        options["full_rank"] = False  # --cold-start alone: only that mode
+    if no_mask_history:
+        options["mask_history"] = False
+    if not (options.get("run") or config_file or any(s.strip().startswith("run=") for s in settings)):
+        raise ConfigError("eval needs the run to evaluate: --run runs/<run> (or run = ... in --config)")
+    config = build_config(stage.EvalConfig, config_file, options, settings)
+    stage.run(config)
 
 
 _RUN = click.option("--run", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run directory (runs/<run>).")

@@ -11,8 +11,6 @@ whom) and then finds the work done.
 """
 from __future__ import annotations
 
-import os
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,7 +29,7 @@ from pmmcache.config import to_dict
 from pmmcache.data.images import decode_image, open_image_store
 from pmmcache.data.prepare import PrepareConfig, problem_lines
 from pmmcache.data.registry import resolve_dataset
-from pmmcache.encoders import TextEncoder, TextEncoderSpec, VisionEncoder, VisionEncoderSpec
+from pmmcache.encoders import TextEncoder, VisionEncoder
 from pmmcache.encoders.config import EncoderConfig, encoder_specs
 from pmmcache.errors import CacheMismatchError, ConfigError, DataError, PmmcacheError
 from pmmcache.files import write_json
@@ -67,36 +65,6 @@ class ExtractConfig:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size = {self.batch_size}; must be >= 1")
         check_device(self.device)
-
-
-def _slug(text: str) -> str:
-    """A file-name-safe name: hub ids as they are, local paths by their last two folders."""
-    if os.sep in text:
-        text = "-".join(Path(text).parts[-2:])
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
-
-
-def cache_key(text: TextEncoderSpec | None, vision: VisionEncoderSpec | None, storage_dtype: str = "float16") -> str:
-    """File stem naming the encoders, split and storage, e.g. `text-xlm-roberta-base-k2-L50+image-ViT-B-32-openai-k2-224`.
-
-    Whatever changes the stored states is in the name, so caches of other settings sit side by side
-    instead of `--force` overwriting one with the other: a random vision init with a seed other than 0
-    adds `-seed<N>` to the image part, a storage dtype other than float16 adds `+<dtype>`. The default
-    settings keep the short name, so caches made before these parts existed are still found."""
-    parts = []
-    if text is not None:
-        parts.append(f"text-{_slug(text.name)}-k{text.top_blocks}-L{text.max_length}")
-    if vision is not None:
-        seeded = vision.weights == "random" and vision.seed != 0  # the seed means nothing for loaded weights
-        parts.append(f"image-{_slug(vision.name)}-{_slug(vision.weights)}-k{vision.top_blocks}-{vision.image_size}"
-                     + (f"-seed{vision.seed}" if seeded else ""))
-    if storage_dtype != "float16":
-        parts.append(storage_dtype)
-    return "+".join(parts)
-
-
-def cache_path(cache_dir: Path, dataset: str, key: str) -> Path:
-    return Path(cache_dir) / dataset.replace("/", "_").replace(",", "+") / f"{key}.h5"
 
 
 def build_manifest(dataset: Any, text: TextEncoder | None, vision: VisionEncoder | None,
@@ -255,8 +223,8 @@ def extract_dataset(dataset: Any, config: ExtractConfig, path: Path | None = Non
     manifest = build_manifest(dataset, text, vision, config)
     text = text.to(device=device, dtype=dtype).eval() if text else None
     vision = vision.to(device=device, dtype=dtype).eval() if vision else None
-    path = Path(path) if path is not None else cache_path(Path(config.cache_dir), config.dataset,
-                                                          cache_key(text_spec, vision_spec, config.cache_dtype))
+    path = Path(path) if path is not None else cache_io.cache_path(
+        Path(config.cache_dir), config.dataset, cache_io.cache_key(text_spec, vision_spec, config.cache_dtype))
 
     lock = (exclusive_lock(path.with_name(path.name + ".lock"), f"the cache {path}", lock_timeout())
             if state.is_main_process else nullcontext())

@@ -19,7 +19,6 @@ import torch
 from pmmcache import cache as cache_io
 from pmmcache.encoders import TextEncoder, VisionEncoder
 from pmmcache.errors import CacheMismatchError, PmmcacheError
-from pmmcache.extract import cache_key, cache_path
 from pmmcache.integrity import check_sample
 
 SHOWN = 5  # changed items named in a message; the rest are counted
@@ -35,7 +34,8 @@ def find_cache(cache_dir: Path, cache_dataset: str, text: TextEncoder | None, vi
     """The cache file for these encoders: the one named by their key, else any cache of the dataset
     whose manifest matches them (e.g. a text-only model reads the text part of a text+image cache, and
     any model reads an int8 cache, `<key>+int8.h5`, when there is no float16 one)."""
-    path = cache_path(cache_dir, cache_dataset, cache_key(text.spec if text else None, vision.spec if vision else None))
+    path = cache_io.cache_path(cache_dir, cache_dataset,
+                               cache_io.cache_key(text.spec if text else None, vision.spec if vision else None))
     if path.is_file():
         return path
     expected = expected_manifest(text, vision)

@@ -200,3 +200,14 @@ def test_eval_on_another_dataset_reads_that_datasets_cache_unless_told_otherwise
     result = CliRunner().invoke(main, ["eval", "--run", str(copy), "--dataset", config["dataset"],
                                        "--cache-dataset", "elsewhere"])
     assert result.exit_code == 2 and "elsewhere" in result.output, result.output
+
+
+def test_eval_takes_config_and_set_like_the_other_verbs(trained_run, tmp_path):
+    settings = tmp_path / "eval.toml"
+    settings.write_text(f'run = "{trained_run}"\ncold_start = true\nfull_rank = false\n')
+    result = CliRunner().invoke(main, ["eval", "--config", str(settings), "--set", "cold_threshold=3",
+                                       "--output", str(tmp_path / "cold.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cold.json").read_text())["threshold"] == 3
+    missing = CliRunner().invoke(main, ["eval"])
+    assert missing.exit_code == 2 and "eval needs the run to evaluate: --run" in missing.output
