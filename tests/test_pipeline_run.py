@@ -208,10 +208,16 @@ def test_a_tiny_recipe_runs_every_cell_and_writes_the_results(tiny):
     assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_rerun_skips_every_finished_run(tiny, monkeypatch):
+def trained_files(runs: Path) -> dict[Path, int]:
+    """What training writes, by modification time: a run trained again rewrites its files."""
+    return {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.name in ("metrics.jsonl", "COMPLETE", "eval.json")}
+
+
+def test_a_rerun_skips_every_finished_run(tiny):
     path, runs, _ = tiny
-    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    before = trained_files(runs)
     result = pipeline_cli("run", str(path), "--runs-dir", str(runs))
+    assert trained_files(runs) == before  # nothing was trained or evaluated again
     assert result.output.count("skip     ") == 3 and "0 trained, 0 resumed, 0 evaluated, 3 skipped" in result.output
     assert "| toy | HR@10 |" in pipeline_cli("report", str(path), "--runs-dir", str(runs)).output
     listing = pipeline_cli("list", str(path.parent), "--runs-dir", str(runs)).output
@@ -242,11 +248,12 @@ def test_a_changed_setting_is_named_and_never_reused_silently(tiny, monkeypatch)
     assert dry.count("changed  ") == 3 and "  lr" in dry
 
 
-def test_cold_start_evaluation_is_added_to_finished_runs_without_training(tiny, monkeypatch):
+def test_cold_start_evaluation_is_added_to_finished_runs_without_training(tiny):
     path, runs, _ = tiny
-    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("cold-start evaluation must not retrain"))
+    before = trained_files(runs)
     result = pipeline_cli("run", str(path), "--runs-dir", str(runs), "--set", "evaluate=[full_rank,cold_start]",
                           "--set", "cold_start_threshold=9")
+    assert trained_files(runs) == before  # cold-start evaluation retrains nothing
     assert "2 evaluated, 1 skipped" in result.output  # the pre-training run is not a table cell
     record = json.loads((cell_dir(runs, "pre-trained") / "eval-cold-start.json").read_text())
     assert record["threshold"] == 9 and record["cases"] > 0  # every toy item occurs < 9 times in training
