@@ -25,12 +25,10 @@ from click.testing import CliRunner
 
 from pmmcache import cache as cache_io
 from pmmcache import files, train
-from pmmcache.cli import main, set_dotted
-from pmmcache.config import from_dict
-from pmmcache.errors import ConfigError, PmmcacheError
-from pmmcache.run_config import TrainConfig
+from pmmcache.cli import main
+from pmmcache.errors import PmmcacheError
 
-from helpers.toy import NAME, learned, train_cli_args, train_config, train_settings
+from helpers.toy import NAME, learned, train_cli_args, train_config
 
 
 @pytest.fixture(scope="module")
@@ -333,24 +331,8 @@ def test_a_text_encoder_whose_config_json_is_empty_is_named(toy, tmp_path):
     assert_clean_error(result, f"text encoder {text_dir / 'config.json'} is not a transformers model config")
 
 
-@pytest.mark.parametrize("setting, named", [
-    ("objectives.temperature=0", "objectives.temperature = 0.0; must be a positive number"),
-    ("objectives.temperature=-0.5", "objectives.temperature = -0.5"),
-    ("objectives.temperature=nan", "objectives.temperature = nan"),
-    ("objectives.temperature=inf", "objectives.temperature = inf"),
-    ("objectives.dap_temperature=nan", "objectives.dap_temperature = nan"),
-    ("objectives.nid=nan", "objectives.nid = nan; a weight must be >= 0"),
-    ("objectives.rcl=-1", "objectives.rcl = -1.0"),
-    ("objectives.shuffle_fraction=1.5", "objectives.shuffle_fraction = 1.5; must be in [0, 1]"),
-])
-def test_bad_objective_settings_are_config_errors_not_nan_losses(setting, named, toy, tmp_path):
-    data = train_settings(toy, tmp_path / "runs", "bad")
-    set_dotted(data, setting)
-    with pytest.raises(ConfigError, match="objectives"):
-        from_dict(TrainConfig, data)
-    result = cli(*train_cli_args(toy, tmp_path / "runs", "bad", epochs=1), "--set", setting)
-    assert "lower --lr" not in assert_clean_error(result, named)
-    assert not (tmp_path / "runs" / "bad").exists()
+# Bad objective settings (temperature, weights, fractions) are probed with the other bad settings in
+# test_train.py::test_bad_settings_are_config_errors_naming_the_key.
 
 
 # ------------------------------------------------------------------------------- 4. smaller ones

@@ -317,6 +317,14 @@ def test_a_nan_loss_stops_the_run_naming_the_last_good_checkpoint(toy, tmp_path,
     ("max_steps_per_epoch=-1", "max_steps_per_epoch = -1"),
     ("patience=0", "patience = 0"),
     ("max_len=0", "max_len = 0"),
+    ("objectives.temperature=0", "objectives.temperature = 0.0; must be a positive number"),
+    ("objectives.temperature=-0.5", "objectives.temperature = -0.5"),
+    ("objectives.temperature=nan", "objectives.temperature = nan"),
+    ("objectives.temperature=inf", "objectives.temperature = inf"),
+    ("objectives.dap_temperature=nan", "objectives.dap_temperature = nan"),
+    ("objectives.nid=nan", "objectives.nid = nan; a weight must be >= 0"),
+    ("objectives.rcl=-1", "objectives.rcl = -1.0"),
+    ("objectives.shuffle_fraction=1.5", "objectives.shuffle_fraction = 1.5; must be in [0, 1]"),
 ])
 def test_bad_settings_are_config_errors_naming_the_key(setting, named, toy, tmp_path):
     data = train_settings(toy, tmp_path / "runs", "bad")
@@ -328,6 +336,7 @@ def test_bad_settings_are_config_errors_naming_the_key(setting, named, toy, tmp_
     result = CliRunner().invoke(main, train_cli_args(toy, tmp_path / "runs", "bad", epochs=1) + ["--set", setting])
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: ") and named in result.stderr and "Traceback" not in result.stderr
+    assert "lower --lr" not in result.stderr  # a setting error, not a diverged run
     assert not (tmp_path / "runs" / "bad").exists()
 
 
