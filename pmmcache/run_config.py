@@ -75,6 +75,13 @@ class ObjectiveConfig:
     # the content item table is cheap enough for small catalogues).
     negatives: Literal["in_batch", "mixed", "catalogue"] = "in_batch"
     uniform_negatives: int = 256
+    # How eq. 12's weighted sum is balanced. "grad_norm" (working form): on the first batch of a
+    # pre-training run each auxiliary objective (NICL, NID, RCL) is scaled so that its gradient norm on
+    # the trained parameters equals DAP's, times its weight; the scales are then fixed for the run (saved
+    # in its checkpoints). The working forms give each term its own logit scale (DAP / sqrt(d), cosines /
+    # 0.1), so at equal weights NID and RCL pulled 10-18x harder than DAP on ml-100k and the model ranked
+    # below popularity. "none" = eq. 12 as printed: the weights alone.
+    balance: Literal["grad_norm", "none"] = "grad_norm"
     ablation: Literal["none", "no-nicl", "vcl-only", "icl-only", "no-nid", "no-rcl"] = "none"
 
     @classmethod

@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -202,26 +202,55 @@ def optimizer_groups(model: PMMRec, config: TrainConfig) -> list[dict[str, Any]]
     return result
 
 
-def objective_gradient_norms(step: TrainingStep, inputs: tuple[Any, ...]) -> dict[str, float]:
+def objective_gradient_norms(step: TrainingStep, inputs: tuple[Any, ...],
+                             weights: dict[str, float] | None = None) -> dict[str, float]:
     """The norm of each weighted objective's gradient on the item tower and on the user encoder,
     for one batch (`inputs` as `TrainingStep.forward` takes them): a dead objective shows as ~0.
 
-    Runs its own forward on the unwrapped module (no DDP hooks) and leaves `.grad` untouched.
+    `weights`: the weights the gradients are taken with; default the step's own. Runs its own forward
+    on the unwrapped module (no DDP hooks) and leaves `.grad` untouched.
     Returns {"grad_<objective>_item_tower": norm, "grad_<objective>_user_encoder": norm, ...}.
     """
+    weights = step.weights if weights is None else weights
     parts = {name: [p for p in step.model.part(name).parameters() if p.requires_grad]
              for name in ("item_tower", "user_encoder")}
     params = [p for group in parts.values() for p in group]
     losses = step(*inputs)
     norms: dict[str, float] = {}
     for objective, value in losses.items():
-        grads = torch.autograd.grad(step.weights[objective] * value, params, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(weights[objective] * value, params, retain_graph=True, allow_unused=True)
         start = 0
         for part, group in parts.items():
             squares = [g.float().pow(2).sum() for g in grads[start:start + len(group)] if g is not None]
             norms[f"grad_{objective}_{part}"] = math.sqrt(float(sum(squares))) if squares else 0.0
             start += len(group)
     return norms
+
+
+def balance_scales(norms: dict[str, float]) -> dict[str, float]:
+    """Per-objective factors that make each objective's gradient norm (item tower and user encoder
+    together, from `objective_gradient_norms` at weight 1) equal DAP's: `objectives.balance = grad_norm`.
+
+    DAP keeps 1; an objective without gradient keeps 1 (nothing to level); without DAP every factor is 1."""
+    objectives = [key[len("grad_"):-len("_item_tower")] for key in norms if key.endswith("_item_tower")]
+    total = {o: math.hypot(norms[f"grad_{o}_item_tower"], norms[f"grad_{o}_user_encoder"]) for o in objectives}
+    reference = total.get("dap", 0.0)
+    return {o: reference / total[o] if reference > 0 and total[o] > 0 else 1.0 for o in objectives}
+
+
+def scaled_weights(weights: dict[str, float], scales: dict[str, float]) -> dict[str, float]:
+    """The objective weights times their `balance_scales` (an objective without a scale keeps its weight)."""
+    return {name: w * scales.get(name, 1.0) for name, w in weights.items()}
+
+
+def balanced_start(step: TrainingStep, inputs: tuple[Any, ...], accelerator: Accelerator) -> dict[str, float]:
+    """`balance_scales` on this first batch, the gradient norms averaged over the processes so that
+    every process scales its objectives alike."""
+    with accelerator.autocast():
+        norms = objective_gradient_norms(step, inputs, {name: 1.0 for name in step.weights})
+    keys = sorted(norms)
+    averaged = accelerator.reduce(torch.tensor([norms[k] for k in keys], device=accelerator.device), "mean")
+    return balance_scales(dict(zip(keys, averaged.tolist())))
 
 
 def format_gradient_norms(norms: dict[str, float]) -> str:
@@ -259,6 +288,9 @@ class TrainState:
     best_epoch: int = -1
     best_metric: float = -math.inf
     bad_epochs: int = 0
+    # `objectives.balance = grad_norm`: the factor of each objective's weight, fixed on the first batch
+    # (empty until then, and for a run without balancing).
+    objective_scales: dict[str, float] = field(default_factory=dict)
 
     FILE = "train_state.json"
 
@@ -275,7 +307,14 @@ class TrainState:
                                 "does not load. Start a new run (another --run-name) instead of resuming it")
         try:
             values = json.loads(path.read_text())
-            return from_dict(cls, {f.name: values[f.name] for f in fields(cls)}, where=str(path))  # types checked
+            optional = {"objective_scales"}  # newer than the first checkpoints
+            state = from_dict(cls, {f.name: values[f.name] for f in fields(cls)
+                                    if f.name in values or f.name not in optional}, where=str(path))  # types checked
+            scales = state.objective_scales
+            if not isinstance(scales, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                                       and math.isfinite(v) and v > 0 for k, v in scales.items()):
+                raise ValueError(f"objective_scales = {scales!r} must map objectives to positive numbers")
+            return state
         except (ValueError, KeyError, TypeError, ConfigError) as err:
             raise PmmcacheError(f"{path}: not a training state written by pmmcache ({err})") from err
 
@@ -352,11 +391,14 @@ def run(config: TrainConfig, show_progress: bool = True,
             if accelerator.is_main_process and show_progress:
                 print(f"resumed from {latest} (epoch {state.epoch} done)")
 
+    weights = scaled_weights(weights, state.objective_scales)  # a resumed run keeps its first batch's scales
+    accelerator.unwrap_model(step_module).weights = weights
     sequences, predict = training_sequences(dataset, config)
     if accelerator.is_main_process and s.transfer is not None:
         write_json(run_dir / "transfer.json", s.transfer)
     history = read_history(run_dir, state.epoch)
     needs_corruption = "nid" in weights or "rcl" in weights
+    balance = config.objectives.balance == "grad_norm" and len(weights) > 1 and "dap" in weights
     unwrapped = accelerator.unwrap_model(step_module).model
     epoch = state.epoch
     while epoch < config.epochs and state.bad_epochs < config.patience:
@@ -379,6 +421,13 @@ def run(config: TrainConfig, show_progress: bool = True,
             predict=predict, uniform_negatives=uniform), enabled=config.prefetch)
         for step, (users, batch) in enumerate(zip(bar, prepared)):  # the batch is ready before its step
             inputs = step_inputs(batch, accelerator.device)
+            if balance and not state.objective_scales:  # before the first step: level every pull with DAP's
+                state.objective_scales = balanced_start(accelerator.unwrap_model(step_module), inputs, accelerator)
+                weights = scaled_weights(config.weights, state.objective_scales)
+                accelerator.unwrap_model(step_module).weights = weights
+                if accelerator.is_main_process and show_progress:
+                    print("objectives balanced on the first batch (objectives.balance = grad_norm): "
+                          + ", ".join(f"{k} x{v:.3g}" for k, v in state.objective_scales.items()))
             if step == 0:  # each objective's pull on the model, once per epoch (metrics.jsonl)
                 with accelerator.autocast():
                     grad_norms = objective_gradient_norms(accelerator.unwrap_model(step_module), inputs)
@@ -405,6 +454,7 @@ def run(config: TrainConfig, show_progress: bool = True,
         state.epoch = epoch
         record = {"epoch": epoch, **{f"train_{k}": float(v) / max(1, len(batches)) for k, v in sums.items()},
                   **{f"valid_{k}": v for k, v in metrics.items()}, **grad_norms,
+                  **{f"scale_{k}": v for k, v in state.objective_scales.items()},
                   "lr": scheduler.get_last_lr()[1],  # the heads' learning rate for the next step (lr once warm)
                   "seconds": round(seconds, 2),
                   "items_per_s": round(items_seen / seconds, 1) if seconds > 0 else 0.0}

@@ -67,7 +67,9 @@ def test_pretrain_run_writes_config_metrics_checkpoint_best_and_eval(pretrained)
         losses = {name: record[f"train_{name}"] for name in LOSSES}
         assert all(math.isfinite(v) for v in losses.values()), record
         assert all(v > 0 for name, v in losses.items() if name != "nicl"), record  # eq. 8's NICL can go below 0
-        assert record["train_loss"] == pytest.approx(sum(losses.values()), rel=1e-5)  # all weights 1
+        scales = {name: record[f"scale_{name}"] for name in LOSSES}  # objectives.balance = grad_norm
+        assert scales == {name: history[0][f"scale_{name}"] for name in LOSSES} and scales["dap"] == 1.0
+        assert record["train_loss"] == pytest.approx(sum(scales[k] * v for k, v in losses.items()), rel=1e-5)
         assert all(0.0 <= record[f"valid_{m}"] <= 1.0 for m in METRICS), record
         assert record["valid_users"] == NUM_ITEMS
         assert record["lr"] == config.lr  # no warmup
@@ -104,6 +106,41 @@ def test_pretrain_run_writes_config_metrics_checkpoint_best_and_eval(pretrained)
     best_record = history[result.best_epoch - 1]
     for m in METRICS:
         assert record["metrics"]["valid"][m] == pytest.approx(best_record[f"valid_{m}"], abs=1e-6)
+
+
+def test_balance_scales_level_every_objective_with_dap():
+    norms = {"grad_dap_item_tower": 0.3, "grad_dap_user_encoder": 0.4,  # total 0.5
+             "grad_nid_item_tower": 3.0, "grad_nid_user_encoder": 4.0,  # total 5: scaled by 0.1
+             "grad_nicl_item_tower": 0.05, "grad_nicl_user_encoder": 0.0,  # total 0.05: scaled up 10x
+             "grad_rcl_item_tower": 0.0, "grad_rcl_user_encoder": 0.0}  # no gradient: nothing to level
+    assert train.balance_scales(norms) == pytest.approx({"dap": 1.0, "nid": 0.1, "nicl": 10.0, "rcl": 1.0})
+    no_dap = {k: v for k, v in norms.items() if "dap" not in k}
+    assert train.balance_scales(no_dap) == {"nid": 1.0, "nicl": 1.0, "rcl": 1.0}
+    assert train.scaled_weights({"dap": 1.0, "nid": 0.5}, {"nid": 0.1}) == pytest.approx({"dap": 1.0, "nid": 0.05})
+
+
+def test_balanced_pretraining_starts_with_every_pull_level_with_dap(pretrained, toy, tmp_path):
+    """objectives.balance = grad_norm (default): on the first batch each auxiliary objective's gradient norm
+    (item tower and user encoder together) equals DAP's; balance = none keeps eq. 12's weights (here 1)."""
+    def totals(record):
+        return {o: math.hypot(record[f"grad_{o}_item_tower"], record[f"grad_{o}_user_encoder"]) for o in LOSSES}
+
+    _, result = pretrained
+    first = read_history(result.run_dir)[0]
+    balanced = totals(first)  # logged on the first batch, after the scales were fixed (dropout redrawn)
+    for name in LOSSES:
+        assert balanced[name] == pytest.approx(balanced["dap"], rel=0.35), (name, balanced)
+
+    plain = train.run(train_config(toy, tmp_path / "runs", "plain", epochs=1,
+                                   objectives={"balance": "none"}), show_progress=False)
+    (record,) = read_history(plain.run_dir)
+    assert not any(k.startswith("scale_") for k in record)
+    losses = {name: record[f"train_{name}"] for name in LOSSES}
+    assert record["train_loss"] == pytest.approx(sum(losses.values()), rel=1e-5)  # all weights 1
+    unbalanced = totals(record)  # the same first batch, unscaled: the scales are its DAP norm over its own
+    for name in LOSSES:
+        assert first[f"scale_{name}"] == pytest.approx(unbalanced["dap"] / unbalanced[name], rel=0.35), name
+    assert max(unbalanced.values()) / min(unbalanced.values()) > 2  # the toy's pulls differ: balancing did work
 
 
 # ------------------------------------------------------------------------------- 2. resume
@@ -282,8 +319,9 @@ def test_a_nan_loss_stops_the_run_naming_the_last_good_checkpoint(toy, tmp_path,
         nonlocal calls
         calls += 1
         loss = original_dap(*args, **kwargs)
-        # Epoch 1 is one gradient-norm forward + STEPS steps; from epoch 2 on every loss is NaN.
-        return loss * float("nan") if calls > STEPS + 1 else loss
+        # Epoch 1 is the balancing forward, one gradient-norm forward and STEPS steps; from epoch 2 on
+        # every loss is NaN.
+        return loss * float("nan") if calls > STEPS + 2 else loss
 
     monkeypatch.setattr(train, "dap_loss", dap_turning_nan)
     config = train_config(toy, tmp_path / "runs", "nan")
