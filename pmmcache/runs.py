@@ -120,11 +120,25 @@ def transfer_init(model: PMMRec, config: TrainConfig) -> dict[str, Any]:
 
 def saved_settings(path: Path) -> dict[str, Any]:
     """A run's config.json as TrainConfig settings. `encoders.modalities`, which training once ignored
-    (the model's modalities decide), is dropped: a run that recorded it still loads."""
+    (the model's modalities decide), is dropped: a run that recorded it still loads. Settings the run
+    predates get the value it was trained with (`with_settings_it_predates`)."""
     data = load_file(path)
     if isinstance(data.get("encoders"), dict):
         data["encoders"] = {k: v for k, v in data["encoders"].items() if k != "modalities"}
-    return data
+    return with_settings_it_predates(data)
+
+
+def with_settings_it_predates(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the settings added after it was written filled in as the run was really
+    trained, where that is not today's default: `objectives.balance` (default grad_norm) did not exist,
+    so a pre-training run with several objectives summed them by their weights alone ("none"). Elsewhere
+    a missing setting counts as its default."""
+    objectives = saved.get("objectives")
+    if saved.get("stage", "pretrain") == "pretrain" and isinstance(objectives, dict) and "balance" not in objectives:
+        weights = [objectives.get(name, 1.0) for name in ("dap", "nicl", "nid", "rcl")]
+        if objectives.get("dap", 1.0) and sum(1 for w in weights if w) > 1:  # balancing would have changed it
+            return {**saved, "objectives": {**objectives, "balance": "none"}}
+    return saved
 
 
 def trained_setup(run_dir: Path, device: torch.device, **changes: Any) -> Setup:

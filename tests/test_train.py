@@ -30,7 +30,7 @@ from pmmcache.errors import CacheMismatchError, ConfigError, PmmcacheError
 from pmmcache.evaluate import evaluate_splits
 from pmmcache.extract import run as extract
 from pmmcache.run_config import TrainConfig
-from pmmcache.runs import setup, with_init_model
+from pmmcache.runs import setup, with_init_model, with_settings_it_predates
 from pmmcache.train import epoch_batches
 
 from helpers.tiny_models import save_tiny_bert
@@ -141,6 +141,28 @@ def test_balanced_pretraining_starts_with_every_pull_level_with_dap(pretrained, 
     for name in LOSSES:
         assert first[f"scale_{name}"] == pytest.approx(unbalanced["dap"] / unbalanced[name], rel=0.35), name
     assert max(unbalanced.values()) / min(unbalanced.values()) > 2  # the toy's pulls differ: balancing did work
+
+
+def test_a_run_saved_before_balancing_existed_counts_as_unbalanced(pretrained, toy, tmp_path):
+    """A pre-training config.json without objectives.balance was trained with eq. 12's weights alone: resuming
+    it under today's default is refused naming the setting, and a fine-tuning run (DAP only) is unaffected."""
+    _, reference = pretrained
+    run_dir = tmp_path / "runs" / "pretrain"
+    shutil.copytree(reference.run_dir, run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    del saved["objectives"]["balance"]
+    saved["runs_dir"] = str(tmp_path / "runs")  # moved with the copy
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    assert with_settings_it_predates(saved)["objectives"]["balance"] == "none"
+    finetune = {**saved, "stage": "finetune"}
+    assert with_settings_it_predates(finetune) == finetune  # balancing is a no-op there
+    single = {**saved, "objectives": {**saved["objectives"], "nicl": 0.0, "nid": 0.0, "rcl": 0.0}}
+    assert with_settings_it_predates(single) == single
+    with pytest.raises(PmmcacheError, match=r"other settings \(objectives differ\)"):
+        train.run(train_config(toy, tmp_path / "runs", "pretrain", resume=True), show_progress=False)
+    resumed = train.run(train_config(toy, tmp_path / "runs", "pretrain", resume=True,
+                                     objectives={"balance": "none"}), show_progress=False)
+    assert resumed.best_epoch == reference.best_epoch  # all epochs were done: nothing retrained
 
 
 # ------------------------------------------------------------------------------- 2. resume

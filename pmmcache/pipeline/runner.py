@@ -25,7 +25,7 @@ from pmmcache.errors import ConfigError, PmmcacheError
 from pmmcache.files import write_json
 from pmmcache.pipeline.recipe import PRETRAIN_DIR, Recipe, slug
 from pmmcache.run_config import TrainConfig
-from pmmcache.runs import RESUMABLE_CHANGES, with_init_model
+from pmmcache.runs import RESUMABLE_CHANGES, with_init_model, with_settings_it_predates
 
 COLD_START_FILE = "eval-cold-start.json"
 PIPELINE_FILE = "pipeline.json"  # which recipe cell made the run, and from which pre-training run
@@ -140,7 +140,7 @@ def run_state(run: PlannedRun) -> RunState:
     run_dir = run.run_dir
     if not (run_dir / "config.json").is_file():
         return RunState("new")
-    saved = _read_json(run_dir / "config.json")
+    saved = with_settings_it_predates(_read_json(run_dir / "config.json"))
     differences = config_differences(saved, to_dict(_as_train_saves_it(run.config)))
     finished = (run_dir / "eval.json").is_file()
     if run.init_dir is not None and finished:
