@@ -1,0 +1,193 @@
+"""The released PMMRec image LMDB: its key scheme and its pickled `LMDB_Image` records.
+
+Facts from the released code (ICDE24/PMMRec `src/data_utils/tools.py`, `dataset.py`):
+- Keys: item `v12345` is stored under `b"12345"` (the name with its `v` removed, as an integer,
+  ASCII-encoded; so `v0012` -> `b"12"`). Stores made by other tools use the item name itself.
+- Values: `pickle.dumps(LMDB_Image(...))`, an object with `channels` (int), `size` ((height, width)),
+  `image` (the raw uint8 pixels, height x width x channels, row-major; not an encoded JPEG/PNG) and `id`.
+
+A pickle can run any code it names, so records are read through a restricted unpickler (the
+"restricting globals" pattern of Python's `pickle` documentation): the only globals it resolves are
+a class named `LMDB_Image` (from any module, since the releases pickled it from their own scripts),
+which becomes the inert `ImageRecord` below, and the builtins that protocols 0-2 need to rebuild a
+plain object and its bytes (`copyreg._reconstructor`, `builtins.object`, `_codecs.encode`), each
+restricted to that use. Anything else is refused naming the key, before it is called.
+
+`convert_store` rewrites such a store as PNG bytes per key (same keys), so the unpickler and the
+re-encoding are needed only once.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pmmcache.errors import DataError
+
+RECORD_CLASS = "LMDB_Image"
+PICKLE_MAGIC = b"\x80"  # protocol 2+ starts with this byte; no image format does
+_PROTOCOL_0_1 = (b"c", b"(")  # GLOBAL or MARK first: how protocols 0 and 1 start an object
+_RELEASED_NAME = re.compile(r"^v?(\d+)$")
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+MAX_RECORD_PIXELS = 40_000_000  # as images.MAX_IMAGE_PIXELS: raw pixels are never decoded reduced
+
+
+def released_key(item: str) -> str | None:
+    """The LMDB key the released code stores item `item` under: `v12345` -> `12345` (None if not `v<digits>`)."""
+    match = _RELEASED_NAME.match(item)
+    return str(int(match.group(1))) if match else None
+
+
+class ImageRecord:
+    """What a pickled `LMDB_Image` becomes: its attributes only, no methods that run anything."""
+
+    channels: object = None
+    size: object = None
+    image: object = None
+    id: object = None
+
+
+class _RecordUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only the LMDB_Image record and the builtins that rebuild it."""
+
+    def __init__(self, data: bytes, key: str, where: Path):
+        super().__init__(io.BytesIO(data))
+        self.key, self.where = key, where
+
+    def find_class(self, module: str, name: str) -> Callable:
+        if name == RECORD_CLASS:
+            return ImageRecord
+        if (module, name) == ("copyreg", "_reconstructor"):
+            return _reconstruct
+        if (module, name) == ("builtins", "object"):
+            return object
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
+        raise DataError(f"the value for {self.key!r} is a Python pickle naming {module}.{name}; pmmcache unpickles "
+                        f"only {RECORD_CLASS} records (refused, nothing was run)", self.where)
+
+
+def _reconstruct(cls: type, base: type, state: object) -> object:
+    """copyreg._reconstructor restricted to a plain object of the record class."""
+    if cls is not ImageRecord or base is not object or state is not None:
+        raise pickle.UnpicklingError("only a plain LMDB_Image object can be rebuilt")
+    return object.__new__(ImageRecord)
+
+
+def _latin1_bytes(text: object, encoding: object = "latin1") -> bytes:
+    """_codecs.encode restricted to what protocols 0-2 use it for: a str holding bytes, latin-1."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError("_codecs.encode is allowed only for bytes (a str, latin1)")
+    return text.encode("latin1")
+
+
+def is_pickle(value: bytes) -> bool:
+    """Whether an LMDB value is a Python pickle rather than encoded image bytes."""
+    return value[:1] == PICKLE_MAGIC or (value[:1] in _PROTOCOL_0_1 and b"\n" in value[:64])
+
+
+def load_record(value: bytes, key: str, where: Path) -> ImageRecord:
+    """The `LMDB_Image` record pickled in `value`; DataError naming the key for anything else."""
+    try:
+        record = _RecordUnpickler(value, key, where).load()
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any malformed pickle is one clear error naming the key
+        raise DataError(f"the value for {key!r} is a Python pickle that is not a readable {RECORD_CLASS} record "
+                        f"({type(err).__name__}: {err})", where) from err
+    if not isinstance(record, ImageRecord):
+        raise DataError(f"the value for {key!r} is a Python pickle of a {type(record).__name__}, not an "
+                        f"{RECORD_CLASS} record; convert the store to encoded JPEG/PNG bytes per key", where)
+    return record
+
+
+def record_pixels(record: ImageRecord, key: str, where: Path) -> np.ndarray:
+    """The record's pixels as a (height, width, channels) uint8 array, its fields checked."""
+    size, channels, data = record.size, record.channels, record.image
+    if (not isinstance(size, (tuple, list)) or len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size)
+            or not isinstance(channels, int) or channels not in _MODES or not isinstance(data, bytes)):
+        raise DataError(f"the {RECORD_CLASS} record of key {key!r} has size {size!r}, channels {channels!r} and "
+                        f"image {type(data).__name__}; expected (height, width), 1/3/4 and raw bytes", where)
+    height, width = size
+    if height * width > MAX_RECORD_PIXELS:
+        raise DataError(f"the image of key {key!r} is {width} x {height} pixels, more than the {MAX_RECORD_PIXELS} "
+                        "pmmcache decodes; downscale it", where)
+    if len(data) != height * width * channels:
+        raise DataError(f"the {RECORD_CLASS} record of key {key!r} holds {len(data)} bytes, not height x width x "
+                        f"channels = {height} x {width} x {channels}", where)
+    return np.frombuffer(data, np.uint8).reshape(height, width, channels)
+
+
+def record_png(value: bytes, key: str, where: Path) -> bytes:
+    """A pickled `LMDB_Image` -> the same pixels as PNG bytes (lossless)."""
+    pixels = record_pixels(load_record(value, key, where), key, where)
+    image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, _MODES[pixels.shape[2]])
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=1)  # fast: the pixels, not the file size, are what count
+    return out.getvalue()
+
+
+def convert_store(source: Path, target: Path, decode: Callable[[bytes, str], bytes]) -> dict[str, int]:
+    """Copy every key of the LMDB `source` into a new LMDB `target`, each value through `decode(value, key)`
+    (records -> PNG; encoded images pass through). Written to a sibling folder, then renamed: a failure
+    leaves no half-written `target`. Returns {"keys", "converted", "bytes"}."""
+    import lmdb
+
+    source, target = Path(source), Path(target)
+    if target.exists():
+        raise DataError("already exists; choose another destination or remove it", target)
+    staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    env_in = lmdb.open(str(source), subdir=source.is_dir(), readonly=True, lock=False, readahead=False)
+    counts = {"keys": 0, "converted": 0, "bytes": 0}
+    map_size = max(1 << 26, 4 * _store_size(source))
+    try:
+        env_out = lmdb.open(str(staging), map_size=map_size, subdir=True)
+        try:
+            with env_in.begin() as txn_in:
+                pending: list[tuple[bytes, bytes]] = []
+                for raw_key, value in txn_in.cursor():
+                    key = raw_key.decode("utf-8", "replace")
+                    converted = decode(bytes(value), key)
+                    counts["keys"] += 1
+                    counts["converted"] += converted != value
+                    counts["bytes"] += len(converted)
+                    pending.append((bytes(raw_key), converted))
+                    if len(pending) >= 256:
+                        map_size = _write(env_out, pending, map_size)
+                        pending = []
+                _write(env_out, pending, map_size)
+        finally:
+            env_out.close()
+        os.replace(staging, target)
+    finally:
+        env_in.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    return counts
+
+
+def _store_size(path: Path) -> int:
+    data = path / "data.mdb" if path.is_dir() else path
+    return data.stat().st_size if data.exists() else 0
+
+
+def _write(env, pending: list[tuple[bytes, bytes]], map_size: int) -> int:
+    """Write one batch, doubling the map when it is full; returns the map size now."""
+    import lmdb
+
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for key, value in pending:
+                    txn.put(key, value)
+            return map_size
+        except lmdb.MapFullError:
+            map_size *= 2
+            env.set_mapsize(map_size)
