@@ -134,10 +134,10 @@ def record_png(value: bytes, key: str, where: Path) -> bytes:
     return out.getvalue()
 
 
-def convert_store(source: Path, target: Path, decode: Callable[[bytes, str], bytes]) -> dict[str, int]:
-    """Copy every key of the LMDB `source` into a new LMDB `target`, each value through `decode(value, key)`
-    (records -> PNG; encoded images pass through). Written to a sibling folder, then renamed: a failure
-    leaves no half-written `target`. Returns {"keys", "converted", "bytes"}."""
+def convert_store(source: Path, target: Path) -> dict[str, int]:
+    """Copy every key of the LMDB `source` into a new LMDB folder `target`, each `LMDB_Image` record as
+    PNG bytes (encoded images are copied as they are). Written to a sibling folder, then renamed: a
+    failure leaves no half-written `target`. Returns {"keys", "converted", "bytes"}."""
     import lmdb
 
     source, target = Path(source), Path(target)
@@ -155,7 +155,8 @@ def convert_store(source: Path, target: Path, decode: Callable[[bytes, str], byt
                 pending: list[tuple[bytes, bytes]] = []
                 for raw_key, value in txn_in.cursor():
                     key = raw_key.decode("utf-8", "replace")
-                    converted = decode(bytes(value), key)
+                    value = bytes(value)
+                    converted = record_png(value, key, source) if is_pickle(value) else value
                     counts["keys"] += 1
                     counts["converted"] += converted != value
                     counts["bytes"] += len(converted)
