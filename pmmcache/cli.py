@@ -457,11 +457,13 @@ def recommend(run: str, history: str, as_json: bool, config_file: str | None, se
     if as_json:
         click.echo(json.dumps({"run": run, "history": list(config.history), "k": config.k,
                                "include_history": config.include_history,
-                               "items": [{"key": r.key, "score": r.score} for r in items]}, indent=2))
+                               "items": [{"key": r.key, "score": r.score, "title": r.title} for r in items]},
+                              indent=2))
         return
-    click.echo(f"{'rank':>4}  {'score':>10}  key")
+    width = max([len("key")] + [len(item.key) for item in items])
+    click.echo(f"{'rank':>4}  {'score':>10}  {'key':<{width}}  title")
     for rank, item in enumerate(items, start=1):
-        click.echo(f"{rank:>4}  {item.score:>10.4f}  {item.key}")
+        click.echo(f"{rank:>4}  {item.score:>10.4f}  {item.key:<{width}}  {item.title or ''}".rstrip())
 
 
 @main.command("add-items")
