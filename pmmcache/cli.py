@@ -492,7 +492,7 @@ def convert_images(source: str, destination: str) -> None:
     """Rewrite an image LMDB of the released PMMRec code (pickled LMDB_Image records of raw pixels) as a
     new LMDB of PNG bytes under the same keys, so the records are unpickled (restricted to that class)
     only once. Encoded images are copied as they are; DESTINATION must not exist."""
-    from pmmcache.data.lmdb_records import convert_store
+    from pmmcache.data.convert import convert_store
 
     counts = convert_store(Path(source), Path(destination))
     click.echo(f"wrote {destination}: {counts['keys']} keys, {counts['converted']} records re-encoded as PNG "

@@ -216,9 +216,10 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises several kinds; all mean "not loadable weights-only"
-        first = (str(err).splitlines() or [""])[0][:300]
+        lines = str(err).splitlines() or [""]
+        detail = next((line.strip() for line in lines if "unsupported global" in line.lower()), lines[0])[:300]
         raise PmmcacheError(f"{path}: not loadable as plain tensors (torch.load weights_only=True: "
-                            f"{type(err).__name__}: {first})") from err
+                            f"{type(err).__name__}: {detail}); pmmcache never unpickles a checkpoint in full") from err
     tensors = state.get("model_state_dict", state) if isinstance(state, dict) else None
     if not isinstance(tensors, dict) or not tensors or not all(isinstance(v, Tensor) for v in tensors.values()):
         raise PmmcacheError(f"{path}: holds no 'model_state_dict' of tensors (keys: "
@@ -273,7 +274,7 @@ class ImportReport:
     lower: list[str] = field(default_factory=list)  # released keys checked against the cache's encoders
     ignored: dict[str, str] = field(default_factory=dict)  # released key -> why it is not imported
     unmapped: list[str] = field(default_factory=list)  # released keys pmmcache has no place for
-    fingerprints: dict[str, str] = field(default_factory=dict)
+    lower_fingerprints: dict[str, str] = field(default_factory=dict)  # modality -> fingerprint of its lower blocks
 
 
 def load_released(model: PMMRec, tensors: dict[str, Tensor], lower_keys: set[str]) -> ImportReport:
@@ -358,7 +359,7 @@ def run(config: ImportConfig, show: Callable[[str], None] = print) -> ImportRepo
     fingerprints = check_lower(tensors, text, vision)
     model = build_pmmrec(model_config, text, vision)
     report = load_released(model, tensors, set(lower_tensors(text, vision)))
-    report.fingerprints = fingerprints
+    report.lower_fingerprints = fingerprints
     train = TrainConfig(stage="finetune", dataset=config.dataset, data=config.data, data_dir=config.data_dir,
                         cache_dir=config.cache_dir,
                         runs_dir=run_dir.parent, run_name=run_dir.name, encoders=config.encoders, model=model.config,

@@ -18,7 +18,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -178,6 +178,12 @@ class LmdbImageStore:
     def keys(self) -> set[str]:
         with self._open().begin(write=False) as txn:
             return {k.decode("utf-8") for k in txn.cursor().iternext(keys=True, values=False)}
+
+    def stored_values(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) as stored, in key order: records stay pickled (`pmmcache.data.convert`)."""
+        with self._open().begin(write=False) as txn:
+            for key, value in txn.cursor():
+                yield bytes(key), bytes(value)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "lmdb", "path": str(self.path)}

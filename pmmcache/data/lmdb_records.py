@@ -13,16 +13,14 @@ which becomes the inert `ImageRecord` below, and the builtins that protocols 0-2
 plain object and its bytes (`copyreg._reconstructor`, `builtins.object`, `_codecs.encode`), each
 restricted to that use. Anything else is refused naming the key, before it is called.
 
-`convert_store` rewrites such a store as PNG bytes per key (same keys), so the unpickler and the
-re-encoding are needed only once.
+`pmmcache.data.convert` rewrites such a store as PNG bytes per key (same keys), so the unpickler and
+the re-encoding are needed only once.
 """
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,9 +62,10 @@ class _RecordUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Callable:
         if name == RECORD_CLASS:
             return ImageRecord
-        if (module, name) == ("copyreg", "_reconstructor"):
+        # Protocols 0-2 write Python 2's module names (copy_reg, __builtin__) for these.
+        if (module, name) in (("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor")):
             return _reconstruct
-        if (module, name) == ("builtins", "object"):
+        if (module, name) in (("builtins", "object"), ("__builtin__", "object")):
             return object
         if (module, name) == ("_codecs", "encode"):
             return _latin1_bytes
@@ -132,63 +131,3 @@ def record_png(value: bytes, key: str, where: Path) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG", compress_level=1)  # fast: the pixels, not the file size, are what count
     return out.getvalue()
-
-
-def convert_store(source: Path, target: Path) -> dict[str, int]:
-    """Copy every key of the LMDB `source` into a new LMDB folder `target`, each `LMDB_Image` record as
-    PNG bytes (encoded images are copied as they are). Written to a sibling folder, then renamed: a
-    failure leaves no half-written `target`. Returns {"keys", "converted", "bytes"}."""
-    import lmdb
-
-    source, target = Path(source), Path(target)
-    if target.exists():
-        raise DataError("already exists; choose another destination or remove it", target)
-    staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    env_in = lmdb.open(str(source), subdir=source.is_dir(), readonly=True, lock=False, readahead=False)
-    counts = {"keys": 0, "converted": 0, "bytes": 0}
-    map_size = max(1 << 26, 4 * _store_size(source))
-    try:
-        env_out = lmdb.open(str(staging), map_size=map_size, subdir=True)
-        try:
-            with env_in.begin() as txn_in:
-                pending: list[tuple[bytes, bytes]] = []
-                for raw_key, value in txn_in.cursor():
-                    key = raw_key.decode("utf-8", "replace")
-                    value = bytes(value)
-                    converted = record_png(value, key, source) if is_pickle(value) else value
-                    counts["keys"] += 1
-                    counts["converted"] += converted != value
-                    counts["bytes"] += len(converted)
-                    pending.append((bytes(raw_key), converted))
-                    if len(pending) >= 256:
-                        map_size = _write(env_out, pending, map_size)
-                        pending = []
-                _write(env_out, pending, map_size)
-        finally:
-            env_out.close()
-        os.replace(staging, target)
-    finally:
-        env_in.close()
-        shutil.rmtree(staging, ignore_errors=True)
-    return counts
-
-
-def _store_size(path: Path) -> int:
-    data = path / "data.mdb" if path.is_dir() else path
-    return data.stat().st_size if data.exists() else 0
-
-
-def _write(env, pending: list[tuple[bytes, bytes]], map_size: int) -> int:
-    """Write one batch, doubling the map when it is full; returns the map size now."""
-    import lmdb
-
-    while True:
-        try:
-            with env.begin(write=True) as txn:
-                for key, value in pending:
-                    txn.put(key, value)
-            return map_size
-        except lmdb.MapFullError:
-            map_size *= 2
-            env.set_mapsize(map_size)
