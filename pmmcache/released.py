@@ -29,6 +29,10 @@ docs/released-checkpoint.md; in short (R = released name, P = pmmcache part.key)
 The lower blocks (text embeddings + layers < n - k; CLIP embeddings, pre_layrnorm, layers < n - k)
 are not imported: they live in the cache. They are compared with the encoders the cache is made
 with, tensor by tensor, by fingerprint, and a difference is an error naming the tensors.
+The imported item tower computes what the released one did: projections of every token, one post-LN
+merge-attention block over [text tokens; image patches], the masked mean of its outputs
+(`pooling = mean`), and no CLIP post_layernorm on the image tokens (`vision_final_norm = false`: the
+released cv_proj reads CLIP's last_hidden_state; the post_layernorm weights are carried, unused).
 What the released model has no parameter for is filled and reported: the user encoder's attention
 biases (its Q/K/V/output maps have none) are 0, and position row 0 (pmmcache keeps one more
 position than the history; a history of max_len items never reads row 0) is 0.
@@ -247,7 +251,8 @@ def released_architecture(tensors: dict[str, Tensor], fusion_heads: int, user_he
     item_tower: dict[str, Any] = {
         "d_model": d, "fusion_heads": fusion_heads, "dropout": dropout, "pooling": "mean", "modality_vector": "mean",
         "modalities": [m for m, present in (("text", has_text), ("image", has_image)) if present],
-        "fuse_modality_cls": True, "fusion_norm_first": False, "fusion": "attention", "projection": "linear"}
+        "fuse_modality_cls": True, "fusion_norm_first": False, "fusion": "attention", "projection": "linear",
+        "vision_final_norm": False}
     if has_text and has_image:
         item_tower["fusion_ffn"] = tensors[FUSION + "inter.dense.weight"].shape[0]
     user = {"d_model": d, "n_blocks": len(blocks), "n_heads": user_heads, "dropout": dropout, "init": "xavier",

@@ -41,7 +41,8 @@ from pmmcache.run_config import TrainConfig
 from pmmcache.runs import load_encoders, load_run, setup
 
 from helpers.released import (FOLDER, MAX_SEQ_LEN, NUM_ITEMS, PREFIX, LMDB_Image, item_pixels,
-                              sequences, write_released_checkpoint, write_released_dataset)
+                              released_item_vectors, released_user_vectors, sequences, write_released_checkpoint,
+                              write_released_dataset)
 from helpers.tiny_models import save_tiny_hf_clip_vision, save_tiny_xlmr
 
 K = 1
@@ -304,6 +305,28 @@ def test_import_maps_every_released_key_and_fine_tunes_with_each_transfer(releas
         assert not torch.equal(getattr(part.model, fresh).state_dict()[key], getattr(s.model, fresh).state_dict()[key])
 
 
+def test_the_imported_model_computes_what_the_released_code_computes(released, tmp_path):
+    """Item and user vectors of the imported run against the released forward written from its code
+    (tests/helpers/released.py) on the released tensors: the map puts every tensor where that code reads it."""
+    import_checkpoint(import_config(released, tmp_path / "run"), show=lambda _: None)
+    s, _ = load_run(tmp_path / "run")
+    state, tower = released["state"], s.model.item_tower
+    items = torch.arange(1, NUM_ITEMS + 1)
+    states = s.store.get(items, trim_text=False)
+    with torch.no_grad():
+        text = tower.text_top(states.text.float(), states.text_mask.long())  # the encoder's own top blocks
+        image = tower.vision_top(states.image.float(), final_norm=False)  # released: CLIP's last_hidden_state
+        reference = released_item_vectors(state, text, states.text_mask, image, heads=2)
+        vectors = s.model.encode_items(states).vector
+        torch.testing.assert_close(vectors, reference, rtol=1e-4, atol=1e-5)
+        histories, _ = s.dataset.split_arrays("test", MAX_SEQ_LEN)
+        full = torch.from_numpy(histories[(histories > 0).all(1)]).long()  # users with a whole history
+        table = torch.cat([torch.zeros(1, vectors.shape[1]), vectors])
+        torch.testing.assert_close(s.model.user_vectors(table[full], full == 0),
+                                   released_user_vectors(state, table[full], heads=2), rtol=1e-4, atol=1e-5)
+    assert len(full) >= 10
+
+
 def test_lower_blocks_that_are_not_the_caches_encoders_are_refused(released, tmp_path):
     state = dict(released["state"])
     key = "text_encoder.bert_model.embeddings.word_embeddings.weight"
@@ -331,8 +354,9 @@ def test_a_known_model_written_under_released_names_imports_back_exactly(release
     e = released["encoders"]
     config = from_dict(PMMRecConfig, {
         "item_tower": {"d_model": 16, "fusion_heads": 2, "fusion_ffn": 64, "pooling": "mean", "modality_vector": "mean",
-                       "fuse_modality_cls": True, "projection": "linear"},
-        "user_encoder": {"d_model": 16, "n_heads": 2, "ffn": 64, "max_len": MAX_SEQ_LEN + 1}, "nid_head": False})
+                       "fuse_modality_cls": True, "projection": "linear", "vision_final_norm": False},
+        "user_encoder": {"d_model": 16, "n_heads": 2, "ffn": 64, "max_len": MAX_SEQ_LEN + 1, "init": "xavier"},
+        "nid_head": False})
     text, vision = load_encoders(from_dict(TrainConfig, {"encoders": e}).encoders, FOLDER)
     known = build_pmmrec(config, text, vision).eval()
     generator = torch.Generator().manual_seed(7)
@@ -351,6 +375,7 @@ def test_a_known_model_written_under_released_names_imports_back_exactly(release
     report = import_checkpoint(import_config(released, tmp_path / "run", checkpoint), show=lambda _: None)
     assert report.unmapped == [] and report.ignored == {}
     s, _ = load_run(tmp_path / "run")
+    assert s.model.config == known.config  # the architecture too
     for part in ("item_tower", "user_encoder"):
         mine, theirs = known.part(part).state_dict(), s.model.part(part).state_dict()
         assert mine.keys() == theirs.keys()

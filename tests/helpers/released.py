@@ -124,3 +124,61 @@ def write_released_checkpoint(path: Path, text_dir: Path, vision_dir: Path, top_
                 "scaler_state": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                                  "growth_interval": 2000, "_growth_tracker": 0}}, path)
     return state
+
+
+# ------------------------------------------------------------------------------- the released forward
+
+
+def _layer_norm(x: torch.Tensor, state: dict, name: str, eps: float) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], state[name + ".weight"], state[name + ".bias"], eps)
+
+
+def _linear(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
+    return torch.nn.functional.linear(x, state[name + ".weight"], state.get(name + ".bias"))
+
+
+def _attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+               additive_mask: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention over (B, T, d) projections, heads split, mask (B, 1, T or 1, T) added."""
+    b, t, d = x.shape
+    split = [z.view(b, t, heads, d // heads).transpose(1, 2) for z in (q, k, v)]  # (B, h, T, d / h)
+    scores = split[0] @ split[1].transpose(-1, -2) / (d // heads) ** 0.5 + additive_mask
+    return (scores.softmax(-1) @ split[2]).transpose(1, 2).reshape(b, t, d)  # (B, T, d)
+
+
+def released_item_vectors(state: dict, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                          image_tokens: torch.Tensor, heads: int) -> torch.Tensor:
+    """What the released item tower (model.py `Model.forward`, "modal" + merge_attn) computes from the
+    encoders' last hidden states, written from its code: text_proj / cv_proj on every token, one BERT
+    merge-attention block over their concatenation (padding keys masked with -10000), the masked mean."""
+    text = _linear(text_tokens, state, "text_encoder.text_proj")  # (N, L, d)
+    image = _linear(image_tokens, state, "cv_encoder.cv_proj")  # (N, P, d)
+    x = torch.cat([text, image], dim=1)  # (N, T, d)
+    keep = torch.cat([text_mask.float(), torch.ones(image.shape[:2])], dim=1)  # (N, T)
+    additive = ((1.0 - keep) * -10000.0)[:, None, None, :]
+    f = "fusion_module.MergeAtt_layers.0."
+    context = _attention(x, *(_linear(x, state, f"{f}self_att.self.{n}") for n in ("query", "key", "value")),
+                         heads, additive)
+    attended = _layer_norm(_linear(context, state, f"{f}self_att.output.dense") + x, state,
+                           f"{f}self_att.output.LayerNorm", 1e-12)
+    inner = torch.nn.functional.gelu(_linear(attended, state, f"{f}inter.dense"))
+    out = _layer_norm(_linear(inner, state, f"{f}output.dense") + attended, state, f"{f}output.LayerNorm", 1e-12)
+    return (out * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)  # (N, d)
+
+
+def released_user_vectors(state: dict, item_vectors: torch.Tensor, heads: int) -> torch.Tensor:
+    """What the released SASRec (modules.py `TransformerEncoder`) gives at the last position of full-length
+    histories (B, max_seq_len, d): LN(items + positions), then post-LN blocks of bias-free attention
+    (causal mask) and a ReLU feed-forward."""
+    u = "user_encoder.transformer_encoder."
+    length = item_vectors.shape[1]
+    x = _layer_norm(item_vectors + state[u + "position_embedding.weight"][:length], state, u + "layer_norm", 1e-6)
+    causal = torch.full((length, length), -1e9).triu(1)[None, None]  # a query sees itself and earlier items
+    for block in sorted({int(k.split(".")[3]) for k in state if k.startswith(u + "transformer_blocks.")}):
+        b = f"{u}transformer_blocks.{block}."
+        m = b + "multi_head_attention."
+        context = _attention(x, *(_linear(x, state, m + n) for n in ("w_Q", "w_K", "w_V")), heads, causal)
+        x = _layer_norm(x + _linear(context, state, m + "fc"), state, m + "layer_norm", 1e-6)
+        inner = torch.relu(_linear(x, state, b + "feed_forward.w_1"))
+        x = _layer_norm(x + _linear(inner, state, b + "feed_forward.w_2"), state, b + "feed_forward.layer_norm", 1e-6)
+    return x[:, -1]  # (B, d)
