@@ -327,6 +327,24 @@ def test_the_imported_model_computes_what_the_released_code_computes(released, t
     assert len(full) >= 10
 
 
+def test_a_text_only_checkpoint_imports_as_a_text_tower_of_mean_projected_tokens(released, tmp_path):
+    """The released "text-only" item tower: the masked mean of text_proj over the last hidden state."""
+    state = {k: v for k, v in released["state"].items() if not k.startswith(("cv_encoder.", "fusion_module."))}
+    checkpoint = tmp_path / "text-only.pt"
+    torch.save({"model_state_dict": state}, checkpoint)
+    report = import_checkpoint(import_config(released, tmp_path / "run", checkpoint), show=lambda _: None)
+    assert report.unmapped == [] and set(report.lower_fingerprints) == {"text"}
+    s, _ = load_run(tmp_path / "run")
+    assert s.model.config.item_tower.modalities == ("text",)
+    states = s.store.get(torch.arange(1, NUM_ITEMS + 1), trim_text=False)
+    with torch.no_grad():
+        tokens = torch.nn.functional.linear(s.model.item_tower.text_top(states.text.float(), states.text_mask.long()),
+                                            state["text_encoder.text_proj.weight"], state["text_encoder.text_proj.bias"])
+        mask = states.text_mask.float()[..., None]
+        torch.testing.assert_close(s.model.encode_items(states).vector, (tokens * mask).sum(1) / mask.sum(1),
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_lower_blocks_that_are_not_the_caches_encoders_are_refused(released, tmp_path):
     state = dict(released["state"])
     key = "text_encoder.bert_model.embeddings.word_embeddings.weight"
