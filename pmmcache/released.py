@@ -57,6 +57,7 @@ from pmmcache.encoders.config import EncoderConfig
 from pmmcache.encoders.text import fingerprint_tensors
 from pmmcache.errors import ConfigError, PmmcacheError
 from pmmcache.files import replace_dir, write_json
+from pmmcache.items import default_cache_dataset, find_cache
 from pmmcache.model import PMMRec, PMMRecConfig, build_pmmrec
 from pmmcache.run_config import TrainConfig
 from pmmcache.runs import load_encoders
@@ -346,6 +347,14 @@ class ImportConfig:
             raise ConfigError(f"fusion_heads = {self.fusion_heads}, user_heads = {self.user_heads}: must be >= 1")
 
 
+def _cache_of(config: ImportConfig, text: Any, vision: Any) -> str | None:
+    """The cache these encoders made for the dataset (its manifest records the same lower blocks), if any."""
+    try:
+        return str(find_cache(Path(config.cache_dir), default_cache_dataset(config.dataset), text, vision))
+    except PmmcacheError:
+        return None  # not extracted yet: import can come first
+
+
 def run(config: ImportConfig, show: Callable[[str], None] = print) -> ImportReport:
     """Read the checkpoint, check its lower blocks against the cache's encoders, map its parameters
     onto pmmcache's parts and write `config.run` (config.json, best/, import.json); returns the report."""
@@ -362,6 +371,7 @@ def run(config: ImportConfig, show: Callable[[str], None] = print) -> ImportRepo
                             f"{vision.spec.name} is {vision.source.get('library')}'s: pass --vision-encoder DIR, a "
                             "local transformers CLIP checkpoint (clip-vit-base-patch32 in the released scripts)")
     fingerprints = check_lower(tensors, text, vision)
+    cache = _cache_of(config, text, vision)
     model = build_pmmrec(model_config, text, vision)
     report = load_released(model, tensors, set(lower_tensors(text, vision)))
     report.lower_fingerprints = fingerprints
@@ -372,11 +382,13 @@ def run(config: ImportConfig, show: Callable[[str], None] = print) -> ImportRepo
     run_dir.mkdir(parents=True, exist_ok=True)
     replace_dir(run_dir / "best", model.save_parts)
     write_json(run_dir / "config.json", to_dict(train))
-    write_json(run_dir / "import.json", {"checkpoint": str(Path(config.checkpoint).resolve()),
+    write_json(run_dir / "import.json", {"checkpoint": str(Path(config.checkpoint).resolve()), "cache": cache,
                                          "config": to_dict(config), **to_dict(report)})
     show(f"imported {len(report.mapped)} tensors into {run_dir}/best (item_tower, user_encoder); "
          f"{len(report.lower)} lower-block tensors match the cache's encoders "
          f"({', '.join(f'{m} {f[:12]}' for m, f in fingerprints.items())})")
+    show(f"the cache of these encoders: {cache}" if cache else f"no cache of these encoders for {config.dataset} in "
+         f"{config.cache_dir} yet: run `pmmcache extract --dataset {config.dataset}` with the same options first")
     show(f"filled with zeros (the released model has no such parameter): {', '.join(report.filled) or 'none'}")
     for key, why in report.ignored.items():
         show(f"not imported: {key} ({why})")

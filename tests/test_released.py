@@ -7,6 +7,7 @@ width; the encoders are a tiny XLM-R and a tiny transformers CLIP vision model (
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -272,6 +273,8 @@ def test_import_maps_every_released_key_and_fine_tunes_with_each_transfer(releas
     assert set(state) == ({k for keys in record["mapped"].values() for k in keys} | set(record["lower"])
                           | set(record["ignored"]))  # every checkpoint key is accounted for
     assert record["lower_fingerprints"].keys() == {"text", "image"}
+    assert Path(record["cache"]).parent == released["cache"] / FOLDER  # the cache these encoders made
+    assert f"the cache of these encoders: {record['cache']}" in out.stdout
 
     s, _ = load_run(run)  # eval and recommend read it as a trained run
     tower, users = s.model.item_tower, s.model.user_encoder
@@ -332,8 +335,11 @@ def test_a_text_only_checkpoint_imports_as_a_text_tower_of_mean_projected_tokens
     state = {k: v for k, v in released["state"].items() if not k.startswith(("cv_encoder.", "fusion_module."))}
     checkpoint = tmp_path / "text-only.pt"
     torch.save({"model_state_dict": state}, checkpoint)
-    report = import_checkpoint(import_config(released, tmp_path / "run", checkpoint), show=lambda _: None)
+    shown: list[str] = []
+    config = import_config(released, tmp_path / "run", checkpoint)
+    report = import_checkpoint(config, show=shown.append)
     assert report.unmapped == [] and set(report.lower_fingerprints) == {"text"}
+    assert any("the cache of these encoders" in line for line in shown)  # a text-only model reads the text+image cache
     s, _ = load_run(tmp_path / "run")
     assert s.model.config.item_tower.modalities == ("text",)
     states = s.store.get(torch.arange(1, NUM_ITEMS + 1), trim_text=False)
@@ -343,6 +349,15 @@ def test_a_text_only_checkpoint_imports_as_a_text_tower_of_mean_projected_tokens
         mask = states.text_mask.float()[..., None]
         torch.testing.assert_close(s.model.encode_items(states).vector, (tokens * mask).sum(1) / mask.sum(1),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_import_may_come_before_extraction_and_says_so(released, tmp_path):
+    shown: list[str] = []
+    config = dataclasses.replace(import_config(released, tmp_path / "run"), cache_dir=tmp_path / "empty")
+    import_checkpoint(config, show=shown.append)
+    assert any(f"no cache of these encoders for {FOLDER} in {tmp_path / 'empty'} yet: run `pmmcache extract "
+               f"--dataset {FOLDER}`" in line for line in shown)
+    assert json.loads((tmp_path / "run" / "import.json").read_text())["cache"] is None
 
 
 def test_lower_blocks_that_are_not_the_caches_encoders_are_refused(released, tmp_path):
