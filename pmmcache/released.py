@@ -229,7 +229,16 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
     if not isinstance(tensors, dict) or not tensors or not all(isinstance(v, Tensor) for v in tensors.values()):
         raise PmmcacheError(f"{path}: holds no 'model_state_dict' of tensors (keys: "
                             f"{', '.join(map(str, state)) if isinstance(state, dict) else type(state).__name__})")
-    return {key.removeprefix("module."): value for key, value in tensors.items()}
+    return {_canonical(key.removeprefix("module.")): value for key, value in tensors.items()}
+
+
+def _canonical(key: str) -> str:
+    """Released names as transformers 4 wrote them: its CLIPVisionModel nests the tower under
+    `vision_model.`, which transformers 5 dropped from the state dict (a checkpoint saved under 5)."""
+    image_net = "cv_encoder.image_net."
+    if key.startswith(image_net) and not key.startswith(VISION):
+        return VISION + key[len(image_net):]
+    return key
 
 
 def released_architecture(tensors: dict[str, Tensor], fusion_heads: int, user_heads: int,

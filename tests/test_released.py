@@ -372,6 +372,17 @@ def test_lower_blocks_that_are_not_the_caches_encoders_are_refused(released, tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_names_saved_under_transformers_5_and_ddp_read_the_same(released, tmp_path):
+    """transformers 5 drops CLIPVisionModel's `vision_model.` from the keys; DDP adds `module.`."""
+    vision = "cv_encoder.image_net.vision_model."
+    state = {"module." + (k.replace(vision, "cv_encoder.image_net.") if k.startswith(vision) else k): v
+             for k, v in released["state"].items()}
+    checkpoint = tmp_path / "renamed.pt"
+    torch.save({"model_state_dict": state}, checkpoint)
+    report = import_checkpoint(import_config(released, tmp_path / "run", checkpoint), show=lambda _: None)
+    assert report.unmapped == [] and "item_tower.vision_top.final_norm.weight" in report.mapped
+
+
 def test_a_checkpoint_that_needs_unpickling_code_is_refused(released, tmp_path):
     marker = tmp_path / "ran"
     checkpoint = tmp_path / "planted.pt"
