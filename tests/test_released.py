@@ -36,7 +36,8 @@ from pmmcache.evaluate import item_table
 from pmmcache.extract import ExtractConfig
 from pmmcache.extract import run as extract
 from pmmcache.model import PMMRecConfig, build_pmmrec
-from pmmcache.released import ImportConfig, lower_tensors, released_state_dict
+from pmmcache.model.released_names import lower_tensors, released_state_dict
+from pmmcache.released import ImportConfig
 from pmmcache.released import run as import_checkpoint
 from pmmcache.run_config import TrainConfig
 from pmmcache.runs import load_encoders, load_run, setup
