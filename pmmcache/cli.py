@@ -120,6 +120,7 @@ ADD_ITEMS = "pmmcache.recommend:AddItemsConfig"
 EXPORT = "pmmcache.recommend:ExportConfig"
 DEMO = "pmmcache.demo_job:DemoJobConfig"
 EVAL = "pmmcache.evaluate:EvalConfig"
+IMPORT = "pmmcache.released:ImportConfig"
 
 # One help text per flag name, for the flags several verbs share (tests/test_cli.py holds every verb to it).
 HELP = {
@@ -229,6 +230,31 @@ def encoder_options(config: str, prefix: str = "", seed: bool = True) -> Any:
     return decorate
 
 
+# The PMMRec-layout files a dataset folder's detection can be told (PrepareConfig fields; extract/train: data.*).
+LAYOUT_OPTIONS = {
+    "users": "The dataset's users file (user<TAB>item item ...), in its folder or absolute.",
+    "texts": "The dataset's items texts file (item<TAB>title), in its folder or absolute.",
+    "images": "The dataset's image store (an LMDB or a folder of <item>.<ext>), in its folder or absolute.",
+}
+
+
+def layout_options(config: str, prefix: str = "") -> Any:
+    """--users/--texts/--images of `config`, whose PrepareConfig sits under `prefix` (extract, train: "data.")."""
+
+    def decorate(command: Any) -> Any:
+        for name, text in reversed(LAYOUT_OPTIONS.items()):
+            command = config_option(config, f"--{name}", field=prefix + name, none_means="found by suffix",
+                                    help=text)(command)
+        return command
+
+    return decorate
+
+
+def pop_layout(options: dict[str, Any]) -> None:
+    """Move the layout options into options["data"] (how extract's and train's configs nest them)."""
+    options["data"] = {name: options.pop(name, None) for name in LAYOUT_OPTIONS}
+
+
 def extraction_options(command: Any) -> Any:
     """How `extract` (and `bench extract`) encode: batch, loaders, compute and storage dtype."""
     options = [
@@ -246,6 +272,7 @@ def extraction_options(command: Any) -> Any:
 @config_option(EXTRACT, "--dataset", help=HELP["dataset"])
 @config_option(EXTRACT, "--data-dir", type=click.Path(file_okay=False), help=HELP["data_dir"])
 @config_option(EXTRACT, "--cache-dir", type=click.Path(file_okay=False), help=HELP["cache_dir"])
+@layout_options(EXTRACT, prefix="data.")
 @encoder_options(EXTRACT, prefix="encoders.")
 @config_option(EXTRACT, "--modalities", field="encoders.modalities",
                help="Which modalities to extract: text,image | text | image.")
@@ -264,6 +291,7 @@ def extract(config_file: str | None, settings: tuple[str, ...], **options: Any) 
     _quiet_libraries()
     options["encoders"] = {field: options.pop(name, None) for name, field in ENCODER_OPTIONS.items()}
     options["encoders"]["modalities"] = options.pop("modalities", None)
+    pop_layout(options)
     stage.run(build_config(stage.ExtractConfig, config_file, options, settings))
 
 
@@ -286,6 +314,11 @@ def verify_cache(paths: tuple[str, ...], reencode: bool) -> None:
 @config_option(PREPARE, "--max-history", type=int, help="History items kept before each target.")
 @config_option(PREPARE, "--truncate", is_flag=True, default=None,
                help="Store only each user's last max-history + 1 items (released code); without it, whole sequences.")
+@config_option(PREPARE, "--keep-last", type=int, help="Cut each user's raw sequence to its last N items before "
+               "filtering; items then in no sequence leave the catalogue (released code: max_seq_len + 3 = 23; 0 = no cut).")
+@config_option(PREPARE, "--lowercase-text", is_flag=True, default=None,
+               help="Lower-case every item text (the released code lower-cases titles before tokenising).")
+@layout_options(PREPARE)
 @config_file_options
 def prepare(dataset: str | None, data_dir: str | None, cache_dir: str | None, config_file: str | None,
             settings: tuple[str, ...], **options: Any) -> None:
@@ -317,6 +350,7 @@ def prepare(dataset: str | None, data_dir: str | None, cache_dir: str | None, co
 @config_option(TRAIN, "--runs-dir", type=click.Path(file_okay=False), help=HELP["runs_dir"])
 @config_option(TRAIN, "--data-dir", type=click.Path(file_okay=False), help=HELP["data_dir"])
 @config_option(TRAIN, "--cache-dir", type=click.Path(file_okay=False), help=HELP["cache_dir"])
+@layout_options(TRAIN, prefix="data.")
 @encoder_options(TRAIN, prefix="encoders.")
 @config_option(TRAIN, "--transfer", type=click.Choice(["full", "item", "user"]), help="With --init, what it transfers "
                "(paper III-E): full = item towers + user encoder; item = item towers, user encoder fresh; user = user "
@@ -352,6 +386,7 @@ def train(config_file: str | None, settings: tuple[str, ...], **options: Any) ->
 
     _quiet_libraries()
     options["encoders"] = {field: options.pop(name, None) for name, field in ENCODER_OPTIONS.items()}
+    pop_layout(options)
     if options.get("modalities"):
         options["modalities"] = options["modalities"].split(",")
     if options.get("ablation"):
@@ -422,11 +457,13 @@ def recommend(run: str, history: str, as_json: bool, config_file: str | None, se
     if as_json:
         click.echo(json.dumps({"run": run, "history": list(config.history), "k": config.k,
                                "include_history": config.include_history,
-                               "items": [{"key": r.key, "score": r.score} for r in items]}, indent=2))
+                               "items": [{"key": r.key, "score": r.score, "title": r.title} for r in items]},
+                              indent=2))
         return
-    click.echo(f"{'rank':>4}  {'score':>10}  key")
+    width = max([len("key")] + [len(item.key) for item in items])
+    click.echo(f"{'rank':>4}  {'score':>10}  {'key':<{width}}  title")
     for rank, item in enumerate(items, start=1):
-        click.echo(f"{rank:>4}  {item.score:>10.4f}  {item.key}")
+        click.echo(f"{rank:>4}  {item.score:>10.4f}  {item.key:<{width}}  {item.title or ''}".rstrip())
 
 
 @main.command("add-items")
@@ -446,6 +483,47 @@ def add_items(config_file: str | None, settings: tuple[str, ...], **options: Any
 
     _quiet_libraries()
     stage.add_items(build_config(stage.AddItemsConfig, config_file, options, settings))
+
+
+@main.command("convert-images")
+@click.argument("source", type=click.Path(exists=True))
+@click.argument("destination", type=click.Path())
+def convert_images(source: str, destination: str) -> None:
+    """Rewrite an image LMDB of the released PMMRec code (pickled LMDB_Image records of raw pixels) as a
+    new LMDB of PNG bytes under the same keys, so the records are unpickled (restricted to that class)
+    only once. Encoded images are copied as they are; DESTINATION must not exist."""
+    from pmmcache.data.convert import convert_store
+
+    counts = convert_store(Path(source), Path(destination))
+    click.echo(f"wrote {destination}: {counts['keys']} keys, {counts['converted']} records re-encoded as PNG "
+               f"({counts['bytes'] / 1e6:.1f} MB); point the dataset at it with --images {destination}")
+
+
+@main.command("import-checkpoint")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, exists=True))
+@config_option(IMPORT, "--run", type=click.Path(file_okay=False),
+               help="The run directory to write (e.g. runs/pmmrec-released); `train --init` takes it.")
+@config_option(IMPORT, "--dataset", help=HELP["dataset"])
+@config_option(IMPORT, "--data-dir", type=click.Path(file_okay=False), help=HELP["data_dir"])
+@config_option(IMPORT, "--cache-dir", type=click.Path(file_okay=False), help=HELP["cache_dir"])
+@encoder_options(IMPORT, prefix="encoders.")
+@config_option(IMPORT, "--fusion-heads", type=int, help="Attention heads of the released fusion block (not "
+               "stored in the checkpoint: its BERT config's).")
+@config_option(IMPORT, "--user-heads", type=int, help="Attention heads of the released user encoder (its "
+               "num_attention_heads; not stored in the checkpoint).")
+@config_file_options
+def import_checkpoint(checkpoint: str, config_file: str | None, settings: tuple[str, ...], **options: Any) -> None:
+    """Make a run directory from the authors' pre-trained checkpoint (ICDE24/PMMRec epoch-N.pt), read
+    with torch.load(weights_only=True): its parameters mapped onto pmmcache's parts (top blocks,
+    projections, fusion, user encoder; docs/released-checkpoint.md), every key it could not map
+    reported, its lower blocks checked against the encoders the cache is made with (pass the same
+    encoder options as to extract). Then: train --init RUN --transfer full|item|user, or eval --run RUN."""
+    from pmmcache import released as stage
+
+    _quiet_libraries()
+    options["encoders"] = {field: options.pop(name, None) for name, field in ENCODER_OPTIONS.items()}
+    stage.run(build_config(stage.ImportConfig, config_file, {"checkpoint": checkpoint, **options}, settings),
+              show=click.echo)
 
 
 @main.command("export-items")

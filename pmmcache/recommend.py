@@ -148,6 +148,7 @@ class Catalogue:
     keys: list[str]  # keys[row - 1] is the key of table row `row`
     table: torch.Tensor  # (N + 1, d) float32, row 0 = padding (zeros)
     trained: int  # rows 1..trained are the run's dataset items; later rows were added after training
+    titles: list[str | None] | None = None  # titles[row - 1]: the item's text (None: it has none)
 
     def rows(self, keys: list[str] | tuple[str, ...]) -> list[int]:
         """Table rows of item keys; an unknown key is an error naming every unknown one."""
@@ -171,6 +172,7 @@ def build_catalogue(run_dir: Path, s: Any) -> Catalogue:
     was_training = s.model.training
     s.model.eval()
     keys = list(s.dataset.item_keys())
+    titles = list(s.dataset.items.column("text").to_pylist())
     parts = [item_table(s.model, s.store)]
     entries = read_registry(run_dir)
     if entries:
@@ -180,9 +182,18 @@ def build_catalogue(run_dir: Path, s: Any) -> Catalogue:
         for entry in entries:
             store = _open_addition(run_dir, entry, expected, parts[0].device)
             parts.append(item_table(s.model, store)[1:])  # row 0 of each table is padding
-            keys += cache_io.read_keys(store.reader.path)[1:]
+            added = cache_io.read_keys(store.reader.path)[1:]
+            keys += added
+            titles += _addition_titles(entry, added)
     s.model.train(was_training)
-    return Catalogue(keys=keys, table=torch.cat(parts), trained=s.dataset.num_items)
+    return Catalogue(keys=keys, table=torch.cat(parts), trained=s.dataset.num_items, titles=titles)
+
+
+def _addition_titles(entry: dict[str, Any], keys: list[str]) -> list[str | None]:
+    """The texts of an addition's items, from its items file when it is still there (else none)."""
+    path = Path(entry.get("items_file", ""))
+    texts = read_pmmrec_texts(path) if path.is_file() else {}
+    return [texts.get(key.split("/", 1)[-1]) for key in keys]
 
 
 # ------------------------------------------------------------------------------------------ recommending
@@ -192,6 +203,7 @@ def build_catalogue(run_dir: Path, s: Any) -> Catalogue:
 class Recommendation:
     key: str
     score: float  # dot product of the user vector and the item vector (the ranking score)
+    title: str | None = None  # the item's text, to read the list by
 
 
 class Recommender:
@@ -227,7 +239,8 @@ class Recommender:
             scores[self.catalogue.rows(history)] = -torch.inf
         available = int(torch.isfinite(scores).sum())
         top = torch.topk(scores, min(k, available))
-        return [Recommendation(self.catalogue.keys[row - 1], float(score))
+        titles = self.catalogue.titles or [None] * len(self.catalogue.keys)
+        return [Recommendation(self.catalogue.keys[row - 1], float(score), titles[row - 1])
                 for score, row in zip(top.values.tolist(), top.indices.tolist())]
 
 

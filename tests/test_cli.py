@@ -24,6 +24,9 @@ PER_VERB = {
     "--runs-dir": "the root of run directories; pipeline's holds one folder per recipe",
     "--force": "redo an artifact made with other settings: a cache (extract), finished runs (pipeline run)",
     "--set": "override a setting of the verb's own config: a stage config, or a recipe (pipeline)",
+    "--users": "the verb's users: the dataset's users file (prepare, extract, train), or how many (bench eval)",
+    "--images": "the images of the items the verb reads: the dataset's (prepare, extract, train), the new ones (add-items)",
+    "--run": "the run directory the verb reads (eval, recommend, ...) or writes (import-checkpoint)",
 }
 
 

@@ -76,8 +76,11 @@ def test_recommend_prints_the_top_k_by_the_models_scores_without_the_history(tra
         assert item["score"] == pytest.approx(float(scores[keys.index(item["key"])]), abs=1e-5)
 
     table = cli("recommend", "--run", str(run_dir), "--history", " ".join(HISTORY), "--top", "5").stdout.splitlines()
-    assert table[0].split() == ["rank", "score", "key"]
-    assert [line.split() for line in table[1:]] == [[str(r), f"{i['score']:.4f}", i["key"]]
+    assert table[0].split() == ["rank", "score", "key", "title"]
+    toy = trained[0]
+    titles = dict(line.split("\t") for line in (toy.data_dir / NAME / f"{NAME}_items_texts.tsv").read_text().splitlines())
+    assert all(item["title"] == titles[item["key"].split("/", 1)[1]] for item in items)  # the item's own text
+    assert [line.split() for line in table[1:]] == [[str(r), f"{i['score']:.4f}", i["key"], *i["title"].split()]
                                                     for r, i in enumerate(items, start=1)]
 
 
@@ -133,8 +136,9 @@ def test_a_new_item_is_extracted_alone_and_becomes_recommendable_with_its_twins_
     scores = {i["key"]: i["score"] for i in items}
     assert {top, "new/copy"} <= set(scores)  # the twin ties with the top item, ahead of the rest
     assert scores["new/copy"] == pytest.approx(scores[top], rel=1e-4, abs=1e-5)
-    everything = {i["key"] for i in recommend_json(run_dir, "--top", "100")}
+    everything = {i["key"]: i["title"] for i in recommend_json(run_dir, "--top", "100")}
     assert "new/fresh" in everything and len(everything) == NUM_ITEMS + 2 - len(HISTORY)
+    assert everything["new/fresh"] == "the best song of the world"  # an added item's title, from its items file
     # A new item can be part of a history too.
     cli("recommend", "--run", str(run_dir), "--history", "toy/i0 new/fresh", "--top", "2")
 

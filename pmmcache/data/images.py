@@ -5,7 +5,9 @@ Three kinds, all opened lazily so a store can be built in one process and used i
 
 - `folder`: one file per item, named `<item key>.<image extension>` (the index is built once, on
   first use). A key that is a relative path inside the folder (`sub/x.png`) is read directly.
-- `lmdb`: the PMMRec layout, key = item key in UTF-8, value = encoded image bytes.
+- `lmdb`: the PMMRec layout, key = item key in UTF-8 (or the released code's key, see
+  `lmdb_records.released_key`), value = encoded image bytes, or the released code's pickled
+  `LMDB_Image` record of raw pixels, read through a restricted unpickler and served as PNG bytes.
 - `parquet`: a column of encoded image bytes in a parquet items table, keyed by its item column.
 
 `decode_image` turns the bytes into an RGB image, with a limit on the pixels it decodes.
@@ -16,10 +18,11 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 from PIL import Image
 
+from pmmcache.data.lmdb_records import is_pickle, record_png
 from pmmcache.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -28,9 +31,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 # photo took ~2 GB. Above this many pixels a JPEG is decoded reduced (PIL's draft: 1/2, 1/4 or 1/8
 # scale, still at least the encoder's image size) and any other image is refused.
 MAX_IMAGE_PIXELS = 40_000_000
-
-# Pickle protocol 2+ starts with this byte; no image format does.
-_PICKLE_MAGIC = b"\x80"
 
 
 @runtime_checkable
@@ -147,7 +147,8 @@ def _release_env(path: Path) -> None:
 
 
 class LmdbImageStore:
-    """A PMMRec image LMDB: key = item key (UTF-8), value = encoded image bytes.
+    """A PMMRec image LMDB: key (UTF-8) -> encoded image bytes, or a pickled `LMDB_Image` record of raw
+    pixels (released code), which is unpickled with only that class allowed and served as PNG bytes.
 
     Opened read-only without the lock file (several readers, possibly on read-only disks) and
     without readahead (random access). The environment is opened on first use in each process:
@@ -170,17 +171,19 @@ class LmdbImageStore:
     def get_bytes(self, key: str) -> bytes | None:
         with self._open().begin(write=False) as txn:
             value = txn.get(key.encode("utf-8"))
-        if value is not None and value[:1] == _PICKLE_MAGIC:
-            raise DataError(
-                f"the value for {key!r} is a Python pickle, not an encoded image; "
-                "convert the store to raw JPEG/PNG bytes per key",
-                self.path,
-            )
+        if value is not None and is_pickle(value):
+            return record_png(value, key, self.path)  # `pmmcache convert-images` does this once for good
         return value
 
     def keys(self) -> set[str]:
         with self._open().begin(write=False) as txn:
             return {k.decode("utf-8") for k in txn.cursor().iternext(keys=True, values=False)}
+
+    def stored_values(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) as stored, in key order: records stay pickled (`pmmcache.data.convert`)."""
+        with self._open().begin(write=False) as txn:
+            for key, value in txn.cursor():
+                yield bytes(key), bytes(value)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "lmdb", "path": str(self.path)}

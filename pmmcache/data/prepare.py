@@ -60,10 +60,22 @@ class PrepareConfig:
     min_core: int = 5  # every kept user and item has at least this many interactions (0 = no filter)
     max_history: int = 20  # history items the splits keep before a target (the last ones)
     truncate: bool = False  # True: store only the last max_history + 1 items (released code)
+    # Released code's preprocessing (src/data_utils/tools.py): each user's sequence cut to its last
+    # max_seq_len + 3 = 23 items before anything else, items then in no sequence leave the catalogue
+    # (0 = no cut); titles lower-cased before tokenising. With min_core = 0, as there: no k-core,
+    # only users with fewer than 3 items dropped.
+    keep_last: int = 0
+    lowercase_text: bool = False
+    # Files of the PMMRec layout, relative to the dataset folder (or absolute); None = found by suffix.
+    users: str | None = None
+    texts: str | None = None
+    images: str | None = None
 
     def __post_init__(self):
         if self.min_core < 0:
             raise ConfigError(f"min_core must be >= 0, got {self.min_core}")
+        if self.keep_last and self.keep_last < MIN_SEQUENCE:
+            raise ConfigError(f"keep_last must be 0 (no cut) or >= {MIN_SEQUENCE}, got {self.keep_last}")
         if self.max_history < MIN_SEQUENCE - 1:
             raise ConfigError(f"max_history must be >= {MIN_SEQUENCE - 1}, got {self.max_history}")
 
@@ -434,6 +446,24 @@ def check_source_name(source: str) -> None:
                             "<source>/<item> and `pmmcache recommend --history` separates keys by spaces")
 
 
+def _last_per_user(user_idx: np.ndarray, times: np.ndarray, rows: np.ndarray, keep_last: int) -> np.ndarray:
+    """(V,) bool: the interaction is among its user's last `keep_last` (by time, then file row)."""
+    order = np.lexsort((rows, times, user_idx))  # by user, time, row
+    users = user_idx[order]
+    counts = np.bincount(users, minlength=int(user_idx.max()) + 1 if len(user_idx) else 0)
+    position = np.arange(len(order)) - (np.cumsum(counts) - counts)[users]  # 0 = the user's oldest
+    recent = np.zeros(len(order), bool)
+    recent[order] = counts[users] - position <= keep_last
+    return recent
+
+
+def _expand(where: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A (len(where),) bool mask: `values` at the positions where `where` is true, False elsewhere."""
+    out = np.zeros(len(where), bool)
+    out[where] = values
+    return out
+
+
 def k_core(user_idx: np.ndarray, item_idx: np.ndarray, num_items: int, k: int) -> tuple[np.ndarray, int]:
     """Mask of interactions kept by iterated k-core filtering, and the number of rounds.
 
@@ -478,9 +508,12 @@ def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDat
     rows = np.array([row for _, _, _, row in known], np.int64)
     user_ids = list(user_pos)
 
-    keep, rounds = k_core(user_idx, item_idx, len(item_ids), config.min_core)
+    recent = _last_per_user(user_idx, times, rows, config.keep_last) if config.keep_last else np.ones(len(known), bool)
+    keep, rounds = k_core(user_idx[recent], item_idx[recent], len(item_ids), config.min_core)
+    keep = _expand(recent, keep)
     item_counts = np.bincount(item_idx[keep], minlength=len(item_ids))
-    catalogue = np.flatnonzero(item_counts >= config.min_core)  # positions in item_ids, file order
+    # An item no kept sequence holds leaves the catalogue with keep_last (released code), else only by k-core.
+    catalogue = np.flatnonzero(item_counts >= max(config.min_core, 1 if config.keep_last else 0))
     new_index = np.zeros(len(item_ids), np.int32)
     new_index[catalogue] = np.arange(1, len(catalogue) + 1, dtype=np.int32)
 
@@ -502,6 +535,8 @@ def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDat
     catalogue_ids = [item_ids[i] for i in catalogue]
     image_keys = [raw.image_keys.get(item) if has_store else None for item in catalogue_ids]
     texts = [raw.items[item] for item in catalogue_ids]
+    if config.lowercase_text:  # released code: title.lower() before the tokenizer
+        texts = [text.lower() if text is not None else None for text in texts]
     items = pa.table(
         {
             "index": pa.array(np.arange(1, len(catalogue) + 1), pa.int32()),
@@ -534,6 +569,7 @@ def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDat
                     "interactions": int(keep.sum()),
                 },
                 "users_too_short": int((~long_enough).sum()),
+                "interactions_cut_by_keep_last": int((~recent).sum()),
                 "sequences_longer_than_history": int((ends - starts > config.max_history + 1).sum()),
                 "sequences_truncated": int((cut_starts > starts).sum()),
                 "prepared": {"users": len(kept_users), "items": len(catalogue), "interactions": int(values.size)},

@@ -18,6 +18,7 @@ from pmmcache.data.images import (
     ParquetImageStore,
     open_image_path,
 )
+from pmmcache.data.lmdb_records import released_key
 from pmmcache.errors import DataError, PmmcacheError
 
 
@@ -78,36 +79,49 @@ def _text_or_none(text: str | None) -> str | None:
 
 
 def _attach_images(items: dict[str, str | None], store: ImageStore | None) -> dict[str, str]:
+    """item -> its key in `store`: the item name itself, else the released code's key (`v12345` -> `12345`)."""
     if store is None:
         return {}
     available = store.keys()
-    return {item: item for item in items if item in available}
+    keys = {}
+    for item in items:
+        if item in available:
+            keys[item] = item
+        elif released_key(item) in available:
+            keys[item] = released_key(item)
+    return keys
 
 
 # ---------------------------------------------------------------- PMMRec tsv layout
 
 
+PMMREC_IMAGE_NAMES = ("{name}_items_images.lmdb", "{name}_images", "{name}.lmdb", "images")
+
+
 def find_pmmrec_images(directory: Path, name: str) -> Path | None:
-    """The first of `<name>_images/`, `<name>.lmdb`, `images/` that exists in `directory`."""
-    for candidate in (directory / f"{name}_images", directory / f"{name}.lmdb", directory / "images"):
+    """The first of `<name>_items_images.lmdb` (released), `<name>_images/`, `<name>.lmdb`, `images/` in `directory`."""
+    for candidate in (directory / pattern.format(name=name) for pattern in PMMREC_IMAGE_NAMES):
         if candidate.is_dir() or (candidate.suffix == ".lmdb" and candidate.is_file()):
             return candidate
     return None
 
 
-def read_pmmrec(directory: str | Path, name: str, images: str | Path | None = None) -> RawDataset:
+def read_pmmrec(directory: str | Path, name: str, images: str | Path | None = None,
+                users: str | Path | None = None, texts: str | Path | None = None) -> RawDataset:
     """Read the released PMMRec layout from `directory`.
 
-    Files: `<name>_users.tsv` (`user \\t item item item ...`, oldest first, one line per user) and
-    `<name>_items_texts.tsv` (`item \\t text`, exactly two tab-separated columns).
-    Images: `images` when given (a folder of `<item>.<ext>` files, or an LMDB directory/file);
-    otherwise the first that exists of `<name>_images/`, `<name>.lmdb`, `images/` — each is read
-    as an LMDB when it holds `data.mdb`, else as a folder. Without a texts file the catalogue is
-    the set of image keys (image-only); without images the dataset is text-only.
+    Files: `users` (default `<name>_users.tsv`: `user \\t item item item ...`, oldest first, one line
+    per user) and `texts` (default `<name>_items_texts.tsv`: `item \\t text`, exactly two
+    tab-separated columns). Images: `images` when given (a folder of `<item>.<ext>` files, or an
+    LMDB directory/file); otherwise the first that exists of `<name>_items_images.lmdb`,
+    `<name>_images/`, `<name>.lmdb`, `images/` — each is read as an LMDB when it holds `data.mdb`,
+    else as a folder. An item's image is under its name or, as the released code stores it, under
+    its number (`v12345` -> `12345`). Without a texts file the catalogue is the set of image keys
+    (image-only); without images the dataset is text-only.
     """
     directory = Path(directory)
-    users_path = directory / f"{name}_users.tsv"
-    texts_path = directory / f"{name}_items_texts.tsv"
+    users_path = Path(users) if users is not None else directory / f"{name}_users.tsv"
+    texts_path = Path(texts) if texts is not None else directory / f"{name}_items_texts.tsv"
     if not users_path.is_file():
         raise DataError(f"PMMRec users file {users_path.name} not found", directory)
     image_path = Path(images) if images is not None else find_pmmrec_images(directory, name)

@@ -2,6 +2,10 @@
 
 Names:
 - `<name>`: raw files in `data_dir/<name>/`, layout detected (PMMRec tsv, RecBole atomic, parquet).
+  The PMMRec / NineRec layout is found by file suffix whatever the prefix (the released `bili_food/`
+  holds `bilibili_food_users.tsv`): `*_users.tsv`, `*_items_texts.tsv`, and `*_items_images.lmdb`,
+  `*_images/`, `*.lmdb` or `images/`; `PrepareConfig.users/texts/images` name the files instead.
+  More than one candidate for a file is an error listing them.
 - `ml-100k`: MovieLens-100k from the installed recbole wheel (data_dir is not used).
 - `demo`: the generated multi-domain demo (`data_dir/demo/`, generated on first use), every
   domain combined; `demo/<domain>` is one domain alone. Item keys are `<domain>/<item>` in both,
@@ -38,8 +42,8 @@ from pmmcache.data.prepare import (
     read_manifest,
 )
 from pmmcache.data.readers import (
+    PMMREC_IMAGE_NAMES,
     RawDataset,
-    find_pmmrec_images,
     read_parquet,
     read_pmmrec,
     read_recbole,
@@ -64,25 +68,89 @@ class RawLayout:
     stamped: tuple[Path, ...]  # files/folders whose size+mtime decide whether a rebuild is due
     images: Path | None = None  # pmmrec image store
     tables: tuple[Path, Path] | None = None  # parquet (interactions, items)
+    users: Path | None = None  # pmmrec users file
+    texts: Path | None = None  # pmmrec items texts file (None: image-only)
 
     def read(self) -> RawDataset:
         if self.kind == "pmmrec":
-            return read_pmmrec(self.directory, self.name, images=self.images)
+            return read_pmmrec(self.directory, self.name, images=self.images, users=self.users,
+                               texts=self.texts or self.directory / f"{self.name}_items_texts.tsv")
         if self.kind == "recbole":
             return read_recbole(self.directory, self.name)
         return read_parquet(self.tables[0], self.tables[1], self.name)
 
 
-def detect_layout(directory: Path, name: str) -> RawLayout:
+@dataclass(frozen=True)
+class LayoutFiles:
+    """Files of the PMMRec layout named explicitly (`--users/--texts/--images`); None = detected."""
+
+    users: Path | None = None
+    texts: Path | None = None
+    images: Path | None = None
+
+    @classmethod
+    def of(cls, config: PrepareConfig, directory: Path) -> "LayoutFiles":
+        """The config's file names, relative to the dataset folder unless absolute."""
+        return cls(*(None if value is None else directory / value
+                     for value in (config.users, config.texts, config.images)))
+
+    def given(self) -> bool:
+        return any(value is not None for value in (self.users, self.texts, self.images))
+
+
+def _one(directory: Path, pattern: str, what: str, option: str, preferred: Path | None = None) -> Path | None:
+    """The single file matching `pattern` in `directory` (`preferred` wins when it exists); None when
+    none; PmmcacheError listing the candidates when several match."""
+    if preferred is not None and preferred.exists():
+        return preferred
+    found = sorted(directory.glob(pattern))
+    if len(found) > 1:
+        raise PmmcacheError(f"{directory}: more than one {what} ({', '.join(p.name for p in found)}); "
+                            f"name the one to read with {option}")
+    return found[0] if found else None
+
+
+def _pmmrec_images(directory: Path, prefix: str) -> Path | None:
+    """The image store beside `<prefix>_users.tsv`: a known name with that prefix, else the one `*_items_images.lmdb`."""
+    for pattern in PMMREC_IMAGE_NAMES:
+        candidate = directory / pattern.format(name=prefix)
+        if candidate.is_dir() or (candidate.suffix == ".lmdb" and candidate.is_file()):
+            return candidate
+    return _one(directory, "*_items_images.lmdb", "image LMDB (*_items_images.lmdb)", "--images")
+
+
+def _pmmrec_layout(directory: Path, name: str, files: LayoutFiles) -> RawLayout | None:
+    """The PMMRec layout in `directory` (None when it has no users file), files found by suffix."""
+    users = files.users or _one(directory, "*_users.tsv", "users file (*_users.tsv)", "--users",
+                                preferred=directory / f"{name}_users.tsv")
+    if users is None:
+        return None
+    if not users.is_file():
+        raise DataError("users file not found", users)
+    prefix = users.name.removesuffix("_users.tsv") if users.name.endswith("_users.tsv") else name
+    texts = files.texts or _one(directory, "*_items_texts.tsv", "items texts file (*_items_texts.tsv)", "--texts",
+                                preferred=directory / f"{prefix}_items_texts.tsv")
+    if files.texts is not None and not files.texts.is_file():
+        raise DataError("items texts file not found", files.texts)
+    images = files.images or _pmmrec_images(directory, prefix)
+    if files.images is not None and not files.images.exists():
+        raise DataError("image store not found", files.images)
+    stamped = [users] + ([texts] if texts is not None else [])
+    if images is not None:
+        stamped.append(images / "data.mdb" if is_lmdb_dir(images) else images)
+    return RawLayout("pmmrec", directory, name, tuple(stamped), images=images, users=users, texts=texts)
+
+
+def detect_layout(directory: Path, name: str, files: LayoutFiles | None = None) -> RawLayout:
     """The raw layout of source `name` in `directory`; PmmcacheError saying what was looked for."""
     directory = Path(directory)
-    users = directory / f"{name}_users.tsv"
-    if users.is_file():
-        images = find_pmmrec_images(directory, name)
-        stamped = [users, directory / f"{name}_items_texts.tsv"]
-        if images is not None:
-            stamped.append(images / "data.mdb" if is_lmdb_dir(images) else images)
-        return RawLayout("pmmrec", directory, name, tuple(stamped), images=images)
+    files = files or LayoutFiles()
+    pmmrec = _pmmrec_layout(directory, name, files)
+    if pmmrec is not None:
+        return pmmrec
+    if files.given():
+        raise DataError("--texts/--images name files of the PMMRec layout, which needs a users file too (--users)",
+                        directory)
     inter, item = directory / f"{name}.inter", directory / f"{name}.item"
     if inter.is_file():
         return RawLayout("recbole", directory, name, (inter, item))
@@ -93,7 +161,7 @@ def detect_layout(directory: Path, name: str) -> RawLayout:
             return RawLayout("parquet", directory, name, stamped, tables=tables)
     raise PmmcacheError(
         f"no dataset {name!r} found in {directory}; looked for: "
-        f"PMMRec {name}_users.tsv (+ {name}_items_texts.tsv and/or {name}_images/, {name}.lmdb, images/); "
+        f"PMMRec *_users.tsv (+ *_items_texts.tsv and/or *_items_images.lmdb, *_images/, *.lmdb, images/); "
         f"RecBole {name}.inter + {name}.item; "
         f"parquet {name}_interactions.parquet + {name}_items.parquet, or interactions.parquet + items.parquet"
     )
@@ -145,8 +213,12 @@ def _check_demo_domain(domain: str, domains: list[str]) -> None:
         raise PmmcacheError(f"the demo has no domain {domain!r}; domains: {', '.join(domains)}")
 
 
-def _layouts(name: str, data_dir: Path, cache_dir: Path) -> tuple[list[RawLayout], list[Path]]:
-    """The raw layouts that make up `name`, and extra files (demo.json) to stamp."""
+def _layouts(name: str, data_dir: Path, cache_dir: Path, config: PrepareConfig
+             ) -> tuple[list[RawLayout], list[Path]]:
+    """The raw layouts that make up `name`, and extra files (demo.json) to stamp; `config.users/texts/
+    images` name the PMMRec files of a dataset folder (not of the special names)."""
+    if LayoutFiles.of(config, data_dir).given() and (name == ML_100K or name == DEMO or name.startswith(DEMO + "/")):
+        raise PmmcacheError(f"--users/--texts/--images name the files of a dataset folder; {name!r} has its own")
     if name == ML_100K:
         return [detect_layout(recbole_example_dir(ML_100K), ML_100K)], []
     if name == DEMO or name.startswith(DEMO + "/"):
@@ -172,7 +244,7 @@ def _layouts(name: str, data_dir: Path, cache_dir: Path) -> tuple[list[RawLayout
             f"dataset folder {directory} does not exist; put the raw files there "
             f"(special names not read from it: {DEMO}, {DEMO}/<domain>, {ML_100K})"
         )
-    return [detect_layout(directory, name)], []
+    return [detect_layout(directory, name, LayoutFiles.of(config, directory))], []
 
 
 def _stamp(path: Path) -> list[Any] | None:
@@ -239,7 +311,7 @@ def cached_dataset_dir(name: str, cache_dir: Path) -> Path:
 
 def _resolve_one(name: str, data_dir: Path, cache_dir: Path, config: PrepareConfig) -> PreparedDataset:
     target = cached_dataset_dir(name, cache_dir)
-    layouts, extra = _layouts(name, data_dir, cache_dir)
+    layouts, extra = _layouts(name, data_dir, cache_dir, config)
     with _exclusive_lock(target.parent / ".lock"):
         signature = _raw_signature(layouts, extra)  # stamped before reading: a change mid-read rebuilds next time
         cached = _load_if_fresh(target, signature, config)
@@ -267,5 +339,7 @@ def resolve_dataset(
         raise PmmcacheError(f"empty dataset spec {spec!r}")
     if len(set(names)) != len(names):
         raise PmmcacheError(f"dataset spec {spec!r} names a dataset twice")
+    if len(names) > 1 and LayoutFiles.of(config, data_dir).given():
+        raise PmmcacheError(f"--users/--texts/--images name the files of one dataset; {spec!r} combines {len(names)}")
     parts = [_resolve_one(name, data_dir, cache_dir, config) for name in names]
     return parts[0] if len(parts) == 1 else combine(parts, "+".join(names))

@@ -127,10 +127,12 @@ class VisionTopBlocks(nn.Module):
         """One block of this library: (B, P, d) -> (B, P, d)."""
         raise NotImplementedError
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, final_norm: bool = True) -> Tensor:
+        """hidden (B, P, d) -> (B, P, d); `final_norm=False` stops before the final norm (the released
+        PMMRec code reads CLIP's last_hidden_state, which transformers leaves un-normalised)."""
         for block in self.blocks.values():
             hidden = self.run_block(block, hidden)  # (B, P, d)
-        return self.final_norm(hidden)  # (B, P, d)
+        return self.final_norm(hidden) if final_norm else hidden  # (B, P, d)
 
 
 class OpenClipTopBlocks(VisionTopBlocks):

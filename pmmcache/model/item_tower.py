@@ -82,6 +82,10 @@ class ItemTowerConfig:
     # item instead of L); with the MLP adaptor "pooled" is the MLP of the frozen encoder's mean
     # embedding (how a mean-pooled sentence encoder is meant to be read), at 1/L of the cost.
     project: Literal["tokens", "pooled"] = "tokens"
+    # The vision encoder's final norm (CLIP's post_layernorm) on every image token after the top blocks:
+    # True = pmmcache's cache contract; False = the released code, whose cv_proj reads CLIP's
+    # last_hidden_state, before that norm (import-checkpoint sets it, to compute what the released model did).
+    vision_final_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.d_model < 1:
@@ -314,7 +318,10 @@ class ItemTower(nn.Module):
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_vision:
             raise CacheMismatchError(
                 f"cached image states have shape {tuple(hidden.shape)}; the vision tower expects (N, P, {self.d_vision})")
-        hidden = self.vision_top(hidden)  # (N, P, d_vision)
+        if self.config.vision_final_norm:
+            hidden = self.vision_top(hidden)  # (N, P, d_vision)
+        else:
+            hidden = self.vision_top(hidden, final_norm=False)  # (N, P, d_vision)
         keep = usable[:, None].expand(-1, hidden.shape[1])  # (N, P): every patch of a usable image
         return self._project(self.vision_proj, hidden, keep, usable)
 
