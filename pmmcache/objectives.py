@@ -21,12 +21,19 @@ NICL_VARIANTS = ("nicl", "icl", "vcl")
 def own_item_mask(item_ids: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
     """(B, M) bool: True where candidate m is one of user b's (non-padding) items.
 
+    Built from a (B, U) bitmap over the U distinct ids of the batch and the candidates, then gathered
+    per candidate: memory O(B (U + M)), not the O(B N M) of comparing every pair.
+
     Args:
         item_ids: (B, N) long, 0 = padding.
         candidate_ids: (M,) long ids of extra candidates.
     """
-    own_items = item_ids.masked_fill(item_ids == PADDING_ID, -1)  # (B, N); -1 never matches an id
-    return (own_items[:, :, None] == candidate_ids[None, None, :]).any(dim=1)  # (B, M)
+    batch, length = item_ids.shape
+    distinct, slots = torch.unique(torch.cat([item_ids.reshape(-1), candidate_ids.reshape(-1)]), return_inverse=True)
+    owned = torch.zeros(batch, len(distinct), dtype=torch.bool, device=item_ids.device)  # (B, U)
+    owned.scatter_(1, slots[: batch * length].view(batch, length), True)  # user b has distinct id u
+    owned &= (distinct != PADDING_ID)[None, :]  # padding is nobody's item
+    return owned[:, slots[batch * length:]]  # (B, M)
 
 
 def in_batch_negative_mask(item_ids: torch.Tensor) -> torch.Tensor:
@@ -43,8 +50,23 @@ def in_batch_negative_mask(item_ids: torch.Tensor) -> torch.Tensor:
     if item_ids.dim() != 2:
         raise ValueError(f"item_ids must be (B, N), got shape {tuple(item_ids.shape)}")
     candidates = item_ids.reshape(-1)  # (B*N,)
-    # (B, N, B*N) -> any over the user's positions; B*N is small (~700), so this stays cheap.
     return ~own_item_mask(item_ids, candidates) & (candidates != PADDING_ID)[None, :]
+
+
+def negative_logit_bias(allowed: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-user additive mask over candidates: -shift (logQ) for a negative, -inf for the rest.
+
+    Args:
+        allowed: (B, C) bool, which candidates are user b's negatives.
+        shift: (C,) what each negative's logit loses (zeros without logQ).
+
+    Returns:
+        bias (B, C) float and has_negative (B,) bool. A user without any negative gets a bias of zeros
+        (a row of -inf only would give logsumexp a NaN gradient); callers drop that row's sum.
+    """
+    has_negative = allowed.any(1)  # (B,)
+    bias = torch.where(allowed, -shift.float()[None, :], float("-inf"))  # (B, C)
+    return bias.masked_fill(~has_negative[:, None], 0.0), has_negative
 
 
 def log_expected_copies(log_popularity: torch.Tensor, candidate_ids: torch.Tensor, uniform_draws: int = 0) -> torch.Tensor:
@@ -116,40 +138,33 @@ def dap_loss(
     predicting = length - 1  # states 0 .. N-2 each have a target
     if predict is not None and predict.shape != (batch, predicting):
         raise ValueError(f"predict must be {(batch, predicting)}, got {tuple(predict.shape)}")
-    queries = user_states[:, :predicting].float()  # (B, N-1, d)
-    candidates = item_vectors.reshape(batch * length, dim).float()  # (B*N, d)
-
-    logits = queries @ candidates.T / temperature  # (B, N-1, B*N)
+    queries = user_states[:, :predicting].float() / temperature  # (B, N-1, d)
     candidate_ids = item_ids.reshape(-1)  # (B*N,)
-    negatives = in_batch_negative_mask(item_ids)  # (B, B*N)
-
-    # Column of the positive for (u, t): item t + 1 of row u in the flattened batch.
-    users = torch.arange(batch, device=item_ids.device)
-    positions = torch.arange(predicting, device=item_ids.device)
-    target_columns = users[:, None] * length + positions[None, :] + 1  # (B, N-1)
-    is_target = torch.zeros(batch, predicting, batch * length, dtype=torch.bool, device=item_ids.device)
-    is_target.scatter_(2, target_columns[:, :, None], True)  # (B, N-1, B*N)
-
-    extra_count = len(extra_ids) if extra_ids is not None else 0
+    candidates = item_vectors.reshape(batch * length, dim).float()  # (B*N, d)
+    allowed = in_batch_negative_mask(item_ids)  # (B, B*N)
+    if extra_vectors is not None:  # extra candidates: every one but the user's own items
+        candidates = torch.cat([candidates, extra_vectors.float()])  # (B*N + M, d)
+        allowed = torch.cat([allowed, ~own_item_mask(item_ids, extra_ids)], dim=1)  # (B, B*N + M)
+        candidate_ids = torch.cat([candidate_ids, extra_ids])
+    shift = torch.zeros(len(candidate_ids), device=queries.device)
     if log_popularity is not None:
-        # The positive is the label, not a draw: uncorrected (the released code also shifts it, which
-        # inflates popular targets once their other copies are masked as the user's own).
-        log_expected = log_expected_copies(log_popularity, candidate_ids, extra_count)  # (num_items + 1,)
-        logits = logits - torch.where(is_target, 0.0, log_expected[candidate_ids])
-    logits = logits.masked_fill(~(negatives[:, None, :] | is_target), float("-inf"))
-    if extra_vectors is not None:
-        extra = queries @ extra_vectors.float().T / temperature  # (B, N-1, M)
-        if log_popularity is not None:
-            extra = extra - log_expected[extra_ids]
-        extra = extra.masked_fill(own_item_mask(item_ids, extra_ids)[:, None, :], float("-inf"))
-        logits = torch.cat([logits, extra], dim=2)  # (B, N-1, B*N + M)
+        extra_count = len(extra_ids) if extra_ids is not None else 0
+        shift = log_expected_copies(log_popularity, item_ids, extra_count)[candidate_ids]  # (C,)
+    bias, has_negative = negative_logit_bias(allowed, shift)  # (B, C), (B,)
+
+    # The positive (item t + 1 of the same row) is the label, not a draw: no logQ shift (the released
+    # code also shifts it, which inflates popular targets once their other copies are masked as own).
+    positive = (queries * item_vectors[:, 1:].float()).sum(-1)  # (B, N-1)
+    negatives = torch.logsumexp((queries @ candidates.T) + bias[:, None, :], dim=2)  # (B, N-1)
+    negatives = negatives.masked_fill(~has_negative[:, None], float("-inf"))
+    losses = torch.logaddexp(positive, negatives) - positive  # cross-entropy of the positive
 
     valid = (item_ids[:, :-1] != PADDING_ID) & (item_ids[:, 1:] != PADDING_ID)  # (B, N-1)
     if predict is not None:
         valid = valid & predict.to(valid.device)
     if not valid.any():
         return (user_states.sum() + item_vectors.sum()) * 0.0
-    return F.cross_entropy(logits[valid], target_columns[valid])
+    return losses[valid].mean()
 
 
 def catalogue_dap_loss(
@@ -244,28 +259,31 @@ def nicl_loss(
     if rows.numel() == 0:
         return (text_cls.sum() + image_cls.sum()) * 0.0
 
-    negatives = in_batch_negative_mask(item_ids)[rows // length]  # (R, B*L)
-    shift = 0.0
+    shift = torch.zeros(batch * length, device=texts.device)
     if log_popularity is not None:  # (B*L,): subtracted from every negative logit
         shift = log_expected_copies(log_popularity, item_ids)[item_ids.reshape(-1)]
+    bias, has_negative = negative_logit_bias(in_batch_negative_mask(item_ids), shift)  # (B, B*L), (B,)
+    if variant != "vcl":  # intra-modality negatives: the same candidates in the anchor's own modality
+        bias = torch.cat([bias, bias], dim=1)  # (B, 2 B*L)
+    no_negative = ~has_negative[rows // length]  # (R,)
 
     def direction(anchors: torch.Tensor, same: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """Per-anchor loss with `other` the paired modality and `same` the anchor's own."""
-        anchor = anchors[rows]  # (R, d)
-        to_other = anchor @ other.T / temperature  # (R, B*L)
-        to_same = anchor @ same.T / temperature  # (R, B*L)
-        positive = to_other.gather(1, rows[:, None])  # (R, 1): δ(t_l, v_l)
-        denominator = [positive, (to_other - shift).masked_fill(~negatives, float("-inf"))]
-        if variant != "vcl":
-            denominator.append((to_same - shift).masked_fill(~negatives, float("-inf")))
-        numerator = [positive]
+        pool = other if variant == "vcl" else torch.cat([other, same])  # (C, d) candidates
+        # Every position is an anchor here, so the per-user bias broadcasts; the valid rows are kept after.
+        scores = (anchors / temperature) @ pool.T  # (B*L, C)
+        negatives = torch.logsumexp(scores.view(batch, length, -1) + bias[:, None, :], dim=2).reshape(-1)[rows]
+        negatives = negatives.masked_fill(no_negative, float("-inf"))  # (R,)
+        anchor = anchors[rows] / temperature  # (R, d)
+        positive = (anchor * other[rows]).sum(-1)  # (R,): δ(t_l, v_l)
+        denominator, numerator = [positive, negatives], [positive]
         if variant == "nicl":
-            following = (rows + 1)[:, None]  # next position of the same user
-            next_items = [to_other.gather(1, following), to_same.gather(1, following)]
+            following = rows + 1  # next position of the same user
+            next_items = [(anchor * other[following]).sum(-1), (anchor * same[following]).sum(-1)]
             numerator += next_items
             if next_item_in_denominator:
                 denominator += next_items
-        return torch.logsumexp(torch.cat(denominator, 1), 1) - torch.logsumexp(torch.cat(numerator, 1), 1)
+        return torch.logsumexp(torch.stack(denominator, 1), 1) - torch.logsumexp(torch.stack(numerator, 1), 1)
 
     text_anchored = direction(texts, texts, images)  # L^{T,V}, (R,)
     image_anchored = direction(images, images, texts)  # L^{V,T}, (R,)
