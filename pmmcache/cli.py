@@ -590,6 +590,17 @@ def size_options(command: Any) -> Any:
     return command
 
 
+def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    """'32,128,256' -> (32, 128, 256); '' -> ()."""
+    try:
+        sizes = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give batch sizes separated by commas, e.g. 32,128,256") from None
+    if any(size < 1 for size in sizes):
+        raise click.BadParameter(f"{value!r}: batch sizes must be >= 1")
+    return sizes
+
+
 @bench.command("step")
 @click.option("--batch-size", "users", default=32, show_default=True, help="Users per batch.")
 @click.option("--positions", default=21, show_default=True, help="Items per user sequence (20 history + target).")
@@ -599,10 +610,15 @@ def size_options(command: Any) -> Any:
 @click.option("--catalogue", type=int, help=HELP["catalogue"] + "  [default: 4000 on CUDA, 2000 on CPU]")
 @click.option("--stage", type=click.Choice(["pretrain", "finetune"]), default="pretrain", show_default=True,
               help=HELP["stage"])
+@click.option("--negatives-batches", default="32,128,256", show_default=True, callback=_batch_sizes,
+              help="Users per batch at which the compute-only step is timed with in-batch negatives before "
+                   "(pairwise (B, N, B*N) mask) and after (per-user bitmap), side by side; '' skips it.")
+@click.option("--negatives-steps", type=int, help="Timed steps per round of that comparison.  [default: 10 on CUDA, 2 on CPU]")
 @size_options
 def bench_step(output: str | None, **options: Any) -> None:
     """Training step on cached states (memmap / RAM / GPU, with and without prefetch) vs end to end
-    (lower blocks recomputed every step) vs pure compute (states already on the device)."""
+    (lower blocks recomputed every step) vs pure compute (states already on the device); then the
+    compute-only step at --negatives-batches with in-batch negatives before / after the bitmap."""
     from pmmcache import bench as bench_mod
 
     _quiet_libraries()

@@ -79,9 +79,28 @@ TINY = ["--dim", "16", "--blocks", "2", "--top-blocks", "1", "--heads", "2", "--
         "--image-size", "64", "--device", "cpu"]
 
 
-def test_step_bench_times_every_variant_side_by_side(tmp_path):
+def test_step_bench_times_every_variant_side_by_side(tmp_path, monkeypatch):
+    from pmmcache import train
+    from pmmcache.bench import pairwise
+
+    calls = {"before": 0, "after": 0}
+
+    def counting(name, loss):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return loss(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(pairwise, "pairwise_dap_loss", counting("before", pairwise.pairwise_dap_loss))
+    monkeypatch.setattr(train, "dap_loss", counting("after", train.dap_loss))
     result = invoke_json(["bench", "step", "--batch-size", "4", "--positions", "5", "--steps", "1", "--rounds", "1", "--warmup", "0",
-                          "--catalogue", "30", *TINY], tmp_path)
+                          "--catalogue", "30", "--negatives-batches", "3,6", "--negatives-steps", "2", *TINY], tmp_path)
+    negatives = result["in_batch_negatives"]
+    assert negatives["steps_timed"] == 2 and set(negatives["batches"]) == {"3", "6"}
+    for figures in negatives["batches"].values():
+        assert figures["ms_before"] > 0 and figures["ms_after"] > 0 and figures["speedup"] > 0
+    # 6 variants x 1 step, then per batch size 2 steps after; the old path only in the before steps
+    assert calls == {"before": 2 * 2, "after": 6 + 2 * 2}
     variants = {"end_to_end", "cached_memmap_plain", "cached_memmap_prefetch", "cached_ram_plain",
                 "cached_ram_prefetch", "compute_only"}
     assert result["bench"] == "step" and result["device"] == "cpu" and result["precision"] == "fp32"

@@ -10,6 +10,10 @@ encoder) with the same objectives, batch (users x positions) and precision, in o
   thread (`prefetch`, what `pmmcache train` does);
 - compute_only: the same step with every batch already prepared on the device (no data path).
 
+Then, at each of `negatives_batches` users per batch, the compute-only step with DAP and NICL as they
+were before the per-user bitmap (`pmmcache.bench.pairwise`: the (B, N, B*N) comparison mask and dense
+masks over the logits) and as `pmmcache.objectives` computes them now, taking turns over `rounds`.
+
 Every variant's step is `pmmcache.train.train_step`, the trainer's own: forward under accelerate's
 autocast, backward through the accelerator, clipping at GRAD_CLIP, AdamW and scheduler step.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +35,7 @@ from pmmcache.batches import Batch, Prefetcher, prepare_batch
 from pmmcache.bench.common import (bench_keys, build_encoders, build_model, default_size, gpu_peak_mb,
                                    host_peak_rss_mb, machine, reset_gpu_peak, resolve_device, synchronize,
                                    write_synthetic_cache)
+from pmmcache.bench.pairwise import pairwise_objectives
 from pmmcache.items import ItemStore
 from pmmcache.run_config import TrainConfig
 from pmmcache.train import TrainingStep, make_optimizer, step_inputs, train_step
@@ -58,7 +64,8 @@ class RecomputingStore:
 def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = None, warmup: int | None = None, rounds: int = 3,
                    catalogue: int | None = None, device: str = "auto", precision: str = "auto",
                    stage: str = "pretrain", storages: tuple[str, ...] | None = None, work_dir: str | None = None,
-                   seed: int = 0, **size_options: Any) -> dict[str, Any]:
+                   seed: int = 0, negatives_batches: tuple[int, ...] = (32, 128, 256), negatives_steps: int | None = None,
+                   **size_options: Any) -> dict[str, Any]:
     """ms per step of each variant (see the module docstring) and their ratios; one JSON-able dict.
 
     Each variant runs `rounds` times, the variants taking turns, `warmup` + `steps` steps each; a
@@ -71,6 +78,7 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
     warmup = (2 if dev.type == "cuda" else 1) if warmup is None else warmup
     catalogue = catalogue or (4000 if dev.type == "cuda" else 2000)
     storages = storages or (("memmap", "ram") + (("gpu",) if dev.type == "cuda" else ()))
+    negatives_steps = negatives_steps or (10 if dev.type == "cuda" else 2)
     # The trainer's step (pmmcache.train.train_step): its optimizer, schedule, clipping and accelerator.
     config = TrainConfig(stage=stage, lr=1e-5, grad_clip=GRAD_CLIP)
     accelerator = Accelerator(mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(precision, "no"),
@@ -91,25 +99,46 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
     total = warmup + steps
     sequences = torch.from_numpy(rng.integers(1, catalogue + 1, size=(users * total, positions)))  # (U, N), no padding
 
-    def users_of(step: int) -> np.ndarray:
-        return np.arange(step * users, (step + 1) * users)
+    def reading(store: Any, sequences: torch.Tensor = sequences, users: int = users
+                ) -> Callable[[torch.Generator], Callable[[int], Batch]]:
+        """Batches of `users` users prepared from `store` the way `pmmcache train` prepares them."""
+        return lambda generator: lambda step: prepare_batch(sequences, np.arange(step * users, (step + 1) * users),
+                                                            store, dev, corruption, generator)
 
-    def reading(store: Any) -> Callable[[torch.Generator], Callable[[int], Batch]]:
-        """Batches prepared from `store` the way `pmmcache train` prepares them."""
-        return lambda generator: lambda step: prepare_batch(sequences, users_of(step), store, dev, corruption, generator)
-
-    def timed(prepare_for: Callable[[torch.Generator], Callable[[int], Batch]], prefetch: bool) -> dict[str, Any]:
-        """ms per step over the timed steps (after `warmup` untimed ones), and the peak GPU memory."""
+    def timed(prepare_for: Callable[[torch.Generator], Callable[[int], Batch]], prefetch: bool,
+              timed_steps: int = steps) -> dict[str, Any]:
+        """ms per step over `timed_steps` steps (after `warmup` untimed ones), and the peak GPU memory."""
         prepare = prepare_for(torch.Generator().manual_seed(seed))  # the same corruption in every variant
         reset_gpu_peak(dev)
         start = 0.0
-        for step, batch in enumerate(Prefetcher(range(total), prepare, enabled=prefetch)):
+        for step, batch in enumerate(Prefetcher(range(warmup + timed_steps), prepare, enabled=prefetch)):
             if step == warmup:
                 synchronize(dev)
                 start = time.perf_counter()
             train_step(step_module, step_inputs(batch, dev), weights, accelerator, optimizer, scheduler, GRAD_CLIP)
         synchronize(dev)
-        return {"ms": round((time.perf_counter() - start) * 1e3 / steps, 2), "gpu_peak_mb": gpu_peak_mb(dev)}
+        return {"ms": round((time.perf_counter() - start) * 1e3 / timed_steps, 2), "gpu_peak_mb": gpu_peak_mb(dev)}
+
+    def negatives_before_after(store: Any) -> dict[str, dict[str, Any]]:
+        """Compute-only ms per step at each batch size, DAP and NICL before / after the bitmap."""
+        figures: dict[str, dict[str, Any]] = {}
+        for batch_users in negatives_batches:
+            count = warmup + negatives_steps
+            drawn = torch.from_numpy(rng.integers(1, catalogue + 1, size=(batch_users * count, positions)))
+            prepare = reading(store, drawn, batch_users)(torch.Generator().manual_seed(seed))
+            ready = [prepare(step) for step in range(count)]  # on the device before the clock starts
+            done: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+            for _ in range(rounds):
+                for name, done_so_far in done.items():
+                    with pairwise_objectives() if name == "before" else nullcontext():
+                        done_so_far.append(timed(lambda _, ready=ready: ready.__getitem__, False, negatives_steps))
+            ms = {name: statistics.median(r["ms"] for r in runs) for name, runs in done.items()}
+            figures[str(batch_users)] = {
+                "ms_before": ms["before"], "ms_after": ms["after"], "speedup": round(ms["before"] / ms["after"], 2),
+                "spread_ms": {name: [min(r["ms"] for r in runs), max(r["ms"] for r in runs)] for name, runs in done.items()},
+                "gpu_peak_mb": {name: max((r["gpu_peak_mb"] or 0) for r in runs) or None for name, runs in done.items()},
+                "unique_items_per_batch": round(statistics.mean(len(b.states.text) for b in ready), 1)}
+        return figures
 
     variants: dict[str, tuple[Callable[[torch.Generator], Callable[[int], Batch]], bool]] = {}
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
@@ -136,6 +165,7 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
         for _ in range(rounds):
             for name, (prepare_for, prefetch) in variants.items():
                 runs[name].append(timed(prepare_for, prefetch))
+        negatives = negatives_before_after(store)  # the last storage: GPU on CUDA, RAM on a CPU
     figures = {name: {"ms": statistics.median(r["ms"] for r in done),
                       "gpu_peak_mb": max((r["gpu_peak_mb"] or 0) for r in done) or None,
                       "spread_ms": [min(r["ms"] for r in done), max(r["ms"] for r in done)]}
@@ -155,6 +185,10 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
         "speedup_vs_end_to_end": {name: round(e2e / ms, 2) for name, ms in cached.items()}
         | {"compute_only": round(e2e / compute, 2)},
         "cached_vs_compute_only": {name: round(ms / compute, 3) for name, ms in cached.items()},
+        "in_batch_negatives": {"steps_timed": negatives_steps, "batches": negatives,
+                               "what": "compute-only step; before = DAP and NICL through the (B, N, B*N) comparison "
+                                       "mask and dense masks over the logits (pmmcache.bench.pairwise), after = "
+                                       "the per-user bitmap and logit bias of pmmcache.objectives"},
         "host_peak_rss_mb": host_peak_rss_mb(),
         "note": "random weights and synthetic states (speed does not depend on them); end to end recomputes the "
                 "lower blocks from token ids and pixels already on the device (no image decoding), for the "
