@@ -411,6 +411,8 @@ def train(config_file: str | None, settings: tuple[str, ...], **options: Any) ->
                help="Which extracted cache holds the items.")
 @click.option("--no-mask-history", is_flag=True, default=None,
               help="Do not mask the user's history before ranking (RecBole's default; mask_history=false).")
+@config_option(EVAL, "--precision", type=click.Choice(["bf16", "fp32"]),
+               help="Autocast of the item tower and user encoder on CUDA (scores stay fp32); a CPU always runs fp32.")
 @config_option(EVAL, "--output", type=click.Path(dir_okay=False),
                none_means="<run>/eval-full-rank.json, <run>/eval-cold-start.json",
                help="Write the JSON here (one mode only).")
@@ -581,7 +583,7 @@ def size_options(command: Any) -> Any:
         click.option("--image-size", type=int, help=HELP["image_size"] + "  [default: 224]"),
         click.option("--device", default="auto", show_default=True, help=HELP["device"]),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-                     show_default=True, help="auto: as the real command runs: train bf16 on CUDA (fp32 on CPU), eval fp32."),
+                     show_default=True, help="auto: as the real command runs: bf16 on CUDA, fp32 on CPU (eval: bf16 or fp32 only; a CPU evaluates in fp32)."),
         click.option("--work-dir", type=click.Path(file_okay=False), help=HELP["work_dir"]),
         click.option("--output", type=click.Path(dir_okay=False), help=HELP["output_json"]),
     ]
@@ -631,10 +633,13 @@ def bench_step(output: str | None, **options: Any) -> None:
 @click.option("--cache-rows", type=int, help="Rows of the synthetic cache the items repeat.  [default: 10000 on CUDA, 1000 on CPU]")
 @click.option("--item-batch-size", default=1024, show_default=True)
 @click.option("--score-batch-size", default=1024, show_default=True, help="Users scored per matmul.")
+@click.option("--scoring-items", default=100_000, show_default=True,
+              help="Catalogue size of the scoring-only figure (random vectors, --users users; on a CPU too).")
 @size_options
 def bench_eval(output: str | None, **options: Any) -> None:
     """Full-rank evaluation: item-table items/s, users x items/s scored, and the seconds of a complete
-    evaluation (item table + user vectors + scores + ranks) of --users over --items."""
+    evaluation (item table + user vectors + scores + ranks) of --users over --catalogue items; then the
+    scoring alone over --scoring-items random item vectors."""
     from pmmcache import bench as bench_mod
 
     _quiet_libraries()

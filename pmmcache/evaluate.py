@@ -6,13 +6,17 @@ RecBole's default). Work is sharded across Accelerate processes: items for the i
 the scores; the per-user metrics are gathered, so the numbers do not depend on the process count.
 
 `run(EvalConfig)` is what `pmmcache eval` calls: a trained run's best model on valid and test
-(`full_rank`) and on the cold-start cases of `pmmcache.coldstart` (`cold_start`).
+(`full_rank`) and on the cold-start cases of `pmmcache.coldstart` (`cold_start`), all against one item
+table. The model's passes (item table, user vectors) run under `eval_autocast`: bf16 on CUDA unless
+fp32 is asked for, fp32 on a CPU. Scores are dot products of the fp32 vectors (bf16's 8-bit mantissa
+would tie neighbouring scores and move the ranks).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ContextManager, Literal
 
 import numpy as np
 import torch
@@ -29,6 +33,24 @@ from pmmcache.model import PMMRec
 from pmmcache.runs import Setup, load_run
 
 
+EVAL_PRECISIONS = ("bf16", "fp32")
+EvalPrecision = Literal["bf16", "fp32"]
+
+
+def autocast_dtype(device: torch.device, precision: str = "bf16") -> torch.dtype | None:
+    """The dtype the evaluation's model passes autocast to on `device`, None for plain fp32: bf16 only
+    on CUDA (a CPU's bf16 matmuls are rarely faster, and its figures stay comparable with training's)."""
+    if precision not in EVAL_PRECISIONS:
+        raise ConfigError(f"evaluation precision {precision!r}: use one of {', '.join(EVAL_PRECISIONS)}")
+    return torch.bfloat16 if device.type == "cuda" and precision == "bf16" else None
+
+
+def eval_autocast(device: torch.device, precision: str = "bf16") -> ContextManager[Any]:
+    """The autocast context of the evaluation's model passes (see `autocast_dtype`)."""
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def _shard(n: int, accelerator: Accelerator | None) -> tuple[int, int]:
     if accelerator is None or accelerator.num_processes == 1:
         return 0, n
@@ -39,15 +61,17 @@ def _shard(n: int, accelerator: Accelerator | None) -> tuple[int, int]:
 
 @torch.no_grad()
 def item_table(model: PMMRec, store: ItemStore, batch_size: int = 512,
-               accelerator: Accelerator | None = None) -> torch.Tensor:
-    """(N + 1, d) vectors of every item (row 0, padding, is zeros), each item encoded once."""
+               accelerator: Accelerator | None = None, precision: str = "fp32") -> torch.Tensor:
+    """(N + 1, d) fp32 vectors of every item (row 0, padding, is zeros), each item encoded once, the
+    item tower under `eval_autocast(device, precision)`."""
     device = accelerator.device if accelerator else next(model.parameters()).device
     n = store.num_items
     start, end = _shard(n, accelerator)
     parts = []
     for first in range(start + 1, end + 1, batch_size):
         index = torch.arange(first, min(first + batch_size, end + 1))
-        parts.append(model.encode_items(store.get(index)).vector.float())
+        with eval_autocast(device, precision):
+            parts.append(model.encode_items(store.get(index)).vector.float())
     d = model.config.user_encoder.d_model
     mine = torch.cat(parts) if parts else torch.zeros(0, d, device=device)
     return torch.cat([torch.zeros(1, d, device=device), _gather_shards(mine, n, accelerator)])
@@ -64,12 +88,15 @@ def _gather_shards(mine: torch.Tensor, n: int, accelerator: Accelerator | None) 
 
 
 @torch.no_grad()
-def user_vectors(model: PMMRec, table: torch.Tensor, histories: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """(U, d) last-position user states for left-padded `histories` (U, L) of item indices."""
+def user_vectors(model: PMMRec, table: torch.Tensor, histories: torch.Tensor, batch_size: int = 1024,
+                 precision: str = "fp32") -> torch.Tensor:
+    """(U, d) fp32 last-position user states for left-padded `histories` (U, L) of item indices, the user
+    encoder under `eval_autocast(device, precision)`."""
     out = []
     for first in range(0, len(histories), batch_size):
         ids = histories[first:first + batch_size].to(table.device)
-        out.append(model.user_vectors(table[ids], ids == 0).float())
+        with eval_autocast(table.device, precision):
+            out.append(model.user_vectors(table[ids], ids == 0).float())
     return torch.cat(out) if out else torch.zeros(0, table.shape[1], device=table.device)
 
 
@@ -77,17 +104,20 @@ def user_vectors(model: PMMRec, table: torch.Tensor, histories: torch.Tensor, ba
 def evaluate_splits(model: PMMRec, store: ItemStore, dataset: Any, splits: tuple[str, ...] = ("valid", "test"),
                     ks: tuple[int, ...] = (10, 20, 50), max_len: int | None = None, mask_history: bool = True,
                     accelerator: Accelerator | None = None, item_batch_size: int = 512,
-                    score_batch_size: int = 1024) -> dict[str, dict[str, float]]:
-    """HR@k and NDCG@k per split, full ranking over all items; the item table is built once."""
+                    score_batch_size: int = 1024, precision: str = "fp32",
+                    table: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """HR@k and NDCG@k per split, full ranking over all items; the item table is built once (or is
+    `table`, an `item_table` of this model and store, shared with other evaluations)."""
     was_training = model.training
     model.eval()
-    table = item_table(model, store, item_batch_size, accelerator)
+    if table is None:
+        table = item_table(model, store, item_batch_size, accelerator, precision)
     counts = torch.from_numpy(np.asarray(dataset.train_item_counts()))
     results: dict[str, dict[str, float]] = {}
     for split in splits:
         histories, targets = dataset.split_arrays(split, max_len)
         results[split] = evaluate_cases(model, table, histories, targets, ks, mask_history, accelerator,
-                                        score_batch_size, popularity=counts)
+                                        score_batch_size, popularity=counts, precision=precision)
         results[split]["users"] = len(targets)
     model.train(was_training)
     return results
@@ -111,14 +141,15 @@ def popularity_ranking(dataset: Any, splits: tuple[str, ...] = ("valid", "test")
 def evaluate_cases(model: PMMRec, table: torch.Tensor, histories: np.ndarray | torch.Tensor,
                    targets: np.ndarray | torch.Tensor, ks: tuple[int, ...] = (10, 20, 50), mask_history: bool = True,
                    accelerator: Accelerator | None = None, batch_size: int = 1024,
-                   popularity: torch.Tensor | None = None) -> dict[str, float]:
+                   popularity: torch.Tensor | None = None, precision: str = "fp32") -> dict[str, float]:
     """Mean HR@k / NDCG@k of test cases (left-padded histories (C, L) -> targets (C,)) against `table`
     (N + 1, d), full ranking; cases are sharded across processes and the per-case metrics gathered.
     With `popularity` ((N + 1,) training counts) also PopPct@k and Coverage@k of the recommended
-    top k (`metrics.popularity_diagnostics`). The model must already be in eval mode."""
+    top k (`metrics.popularity_diagnostics`). The model must already be in eval mode; `precision` is
+    the user encoder's (`eval_autocast`)."""
     histories, targets = torch.as_tensor(histories).long(), torch.as_tensor(targets).long()
     start, end = _shard(len(targets), accelerator)
-    users = user_vectors(model, table, histories[start:end], batch_size)
+    users = user_vectors(model, table, histories[start:end], batch_size, precision)
     mine_histories, mine_targets = histories[start:end].to(table.device), targets[start:end].to(table.device)
     if popularity is None:
         per_case = full_rank_metrics(users, table, mine_targets, mine_histories, ks=ks, batch_size=batch_size,
@@ -187,6 +218,7 @@ class EvalConfig:
     mask_history: bool = True  # False: RecBole's protocol
     output: Path | None = None  # the JSON of the one mode asked for, instead of the run's file
     storage: Literal["auto", "memmap", "ram", "gpu"] | None = None  # where the cache is read from; None: the run's
+    precision: EvalPrecision = "bf16"  # autocast of the model's passes on CUDA; a CPU always runs fp32
 
     def __post_init__(self) -> None:
         if not (self.full_rank or self.cold_start):
@@ -195,30 +227,34 @@ class EvalConfig:
             raise ConfigError("--output names one file: give it with only one of --full-rank / --cold-start")
         if self.cold_threshold < 1:
             raise ConfigError(f"cold-start threshold must be >= 1, got {self.cold_threshold}")
+        autocast_dtype(torch.device("cpu"), self.precision)  # names a bad precision
 
 
 def run(config: EvalConfig, show: bool = True) -> dict[str, dict[str, Any]]:
     """Evaluate a run's best model (loaded once) in the modes `config` asks for; writes each mode's
-    JSON and returns the records as {"full_rank": ..., "cold_start": ...} (the modes asked for)."""
+    JSON and returns the records as {"full_rank": ..., "cold_start": ...} (the modes asked for).
+    Every item goes through the item tower once: valid, test and cold start share the table."""
     run_dir = Path(config.run)
     s, accelerator = load_run(run_dir, config.dataset, config.mask_history, storage=config.storage,
                               cache_dataset=config.cache_dataset)
+    table = item_table(s.model, s.store, accelerator=accelerator, precision=config.precision)
     records: dict[str, dict[str, Any]] = {}
     if config.full_rank:
-        records["full_rank"] = _full_rank(run_dir, s, accelerator, config, show)
+        records["full_rank"] = _full_rank(run_dir, s, accelerator, config, table, show)
     if config.cold_start:
-        records["cold_start"] = _cold_start(run_dir, s, accelerator, config, show)
+        records["cold_start"] = _cold_start(run_dir, s, accelerator, config, table, show)
     return records
 
 
-def _full_rank(run_dir: Path, s: Setup, accelerator: Accelerator, config: EvalConfig, show: bool) -> dict[str, Any]:
+def _full_rank(run_dir: Path, s: Setup, accelerator: Accelerator, config: EvalConfig, table: torch.Tensor,
+               show: bool) -> dict[str, Any]:
     """Valid and test of the run's dataset, beside popularity ranking."""
     run, mask_history = s.config, config.mask_history
     results = evaluate_splits(s.model, s.store, s.dataset, ("valid", "test"), run.ks, run.max_len, mask_history,
-                              accelerator)
+                              accelerator, precision=config.precision, table=table)
     popular = popularity_ranking(s.dataset, ("valid", "test"), run.ks, run.max_len, mask_history)
     record = {"run": str(run_dir), "dataset": run.dataset, "mask_history": mask_history,
-              "items": s.store.num_items, "metrics": results, "popularity_ranking": popular,
+              "precision": _precision_used(accelerator, config), "items": s.store.num_items, "metrics": results, "popularity_ranking": popular,
               "random_HR@10": random_ranking_hr(s.store.num_items, 10)}
     if accelerator.is_main_process:
         target = Path(config.output) if config.output else run_dir / "eval-full-rank.json"
@@ -229,16 +265,22 @@ def _full_rank(run_dir: Path, s: Setup, accelerator: Accelerator, config: EvalCo
     return record
 
 
-def _cold_start(run_dir: Path, s: Setup, accelerator: Accelerator, config: EvalConfig, show: bool) -> dict[str, Any]:
+def _precision_used(accelerator: Accelerator, config: EvalConfig) -> str:
+    return "bf16" if autocast_dtype(accelerator.device, config.precision) == torch.bfloat16 else "fp32"
+
+
+def _cold_start(run_dir: Path, s: Setup, accelerator: Accelerator, config: EvalConfig, table: torch.Tensor,
+                show: bool) -> dict[str, Any]:
     """The cold-start cases of the run's dataset (`coldstart.cold_start_cases`), full ranking.
 
     Record: {"metrics": {"HR@10": ..., ...}, "cases", "cold_items", "cold_targets", "threshold",
     "mask_history", "items", "dataset", "run", "config"}."""
     run, threshold, mask_history = s.config, config.cold_threshold, config.mask_history
     cases = cold_start_cases(s.dataset, threshold, run.max_len)
-    table = item_table(s.model, s.store, accelerator=accelerator)
-    metrics = evaluate_cases(s.model, table, cases.histories, cases.targets, run.ks, mask_history, accelerator)
+    metrics = evaluate_cases(s.model, table, cases.histories, cases.targets, run.ks, mask_history, accelerator,
+                             precision=config.precision)
     record = {"run": str(run_dir), "dataset": run.dataset, "threshold": threshold, "mask_history": mask_history,
+              "precision": _precision_used(accelerator, config),
               "cases": cases.cases, "cold_items": cases.cold_items, "cold_targets": cases.cold_targets,
               "items": s.store.num_items, "metrics": metrics, "config": load_file(run_dir / "config.json")}
     if accelerator.is_main_process:

@@ -399,6 +399,7 @@ def run(config: TrainConfig, show_progress: bool = True,
     history = read_history(run_dir, state.epoch)
     needs_corruption = "nid" in weights or "rcl" in weights
     balance = config.objectives.balance == "grad_norm" and len(weights) > 1 and "dap" in weights
+    eval_precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"  # validation as it trains
     unwrapped = accelerator.unwrap_model(step_module).model
     epoch = state.epoch
     while epoch < config.epochs and state.bad_epochs < config.patience:
@@ -449,7 +450,7 @@ def run(config: TrainConfig, show_progress: bool = True,
         bar.close()
         seconds = time.perf_counter() - start
         metrics = evaluate_splits(unwrapped, store, dataset, ("valid",), config.ks, config.max_len,
-                                  config.mask_history, accelerator)["valid"]
+                                  config.mask_history, accelerator, precision=eval_precision)["valid"]
         epoch += 1
         state.epoch = epoch
         record = {"epoch": epoch, **{f"train_{k}": float(v) / max(1, len(batches)) for k, v in sums.items()},
@@ -482,7 +483,7 @@ def run(config: TrainConfig, show_progress: bool = True,
     accelerator.wait_for_everyone()
     unwrapped.load_parts(best_dir(run_dir), parts=("item_tower", "user_encoder"))
     final = evaluate_splits(unwrapped, store, dataset, ("valid", "test"), config.ks, config.max_len,
-                            config.mask_history, accelerator)
+                            config.mask_history, accelerator, precision=eval_precision)
     popular = popularity_ranking(dataset, ("valid", "test"), config.ks, config.max_len, config.mask_history)
     if accelerator.is_main_process:
         write_json(run_dir / "eval.json", {"best_epoch": state.best_epoch, "metrics": final,

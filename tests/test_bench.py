@@ -114,8 +114,12 @@ def test_step_bench_times_every_variant_side_by_side(tmp_path, monkeypatch):
 
 def test_eval_bench_reports_item_table_scoring_and_total_seconds(tmp_path):
     result = invoke_json(["bench", "eval", "--catalogue", "50", "--users", "40", "--cache-rows", "7",
-                          "--item-batch-size", "16", "--score-batch-size", "16", *TINY], tmp_path)
+                          "--item-batch-size", "16", "--score-batch-size", "16", "--scoring-items", "3000", *TINY],
+                         tmp_path)
     assert (result["items"], result["users"], result["cache_rows"]) == (50, 40, 7)
+    assert result["precision"] == "fp32"  # auto on a CPU: as `pmmcache eval` runs there
+    scale = result["scoring_at_scale"]
+    assert (scale["items"], scale["users"]) == (3000, 40) and scale["seconds"] > 0 and scale["user_items_per_s"] > 0
     assert set(result["seconds"]) == {"item_table", "user_vectors", "scores_and_ranks", "total"}
     assert result["seconds"]["total"] >= result["seconds"]["item_table"] > 0
     for figure in ("item_table_items_per_s", "user_vectors_users_per_s", "scoring_user_items_per_s", "host_peak_rss_mb"):

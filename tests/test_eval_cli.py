@@ -211,3 +211,56 @@ def test_eval_takes_config_and_set_like_the_other_verbs(trained_run, tmp_path):
     assert json.loads((tmp_path / "cold.json").read_text())["threshold"] == 3
     missing = CliRunner().invoke(main, ["eval"])
     assert missing.exit_code == 2 and "eval needs the run to evaluate: --run" in missing.output
+
+
+def test_valid_test_and_cold_start_share_one_item_table(trained_run, monkeypatch):
+    """Every item goes through the item tower once per evaluation, whichever modes are asked for
+    (counted by a forward hook on the item tower, not timed)."""
+    from pmmcache import evaluate
+
+    encoded = []
+    real_load_run = evaluate.load_run
+
+    def load_run_counting(*args, **kwargs):
+        s, accelerator = real_load_run(*args, **kwargs)
+        s.model.item_tower.register_forward_hook(lambda module, inputs, output: encoded.append(len(output.vector)))
+        return s, accelerator
+
+    monkeypatch.setattr(evaluate, "load_run", load_run_counting)
+    records = evaluate.run(evaluate.EvalConfig(run=trained_run, full_rank=True, cold_start=True, cold_threshold=7,
+                                               output=None), show=False)
+    assert sum(encoded) == NUM_ITEMS and set(records) == {"full_rank", "cold_start"}
+    assert records["full_rank"]["precision"] == "fp32" == records["cold_start"]["precision"]  # CPU
+
+
+def test_the_precision_chooses_the_autocast_of_the_model_passes(trained_run, monkeypatch):
+    """bf16 on CUDA unless fp32 is asked for, plain fp32 on a CPU; `eval --precision` reaches every
+    pass of the item tower and the user encoder (a CPU bf16 autocast stands in for CUDA's here)."""
+    import torch
+
+    from pmmcache import evaluate
+    from pmmcache.errors import ConfigError
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert evaluate.autocast_dtype(cuda) == torch.bfloat16 == evaluate.autocast_dtype(cuda, "bf16")
+    assert evaluate.autocast_dtype(cuda, "fp32") is None and evaluate.autocast_dtype(cpu, "bf16") is None
+    assert evaluate.EvalConfig(run=trained_run).precision == "bf16"
+    with pytest.raises(ConfigError, match="fp16"):
+        evaluate.EvalConfig(run=trained_run, precision="fp16")
+
+    asked, inside = [], []
+    monkeypatch.setattr(evaluate, "eval_autocast", lambda device, precision: asked.append(precision) or torch.autocast(
+        "cpu", dtype=torch.bfloat16, enabled=precision == "bf16"))
+    real_load_run = evaluate.load_run
+
+    def load_run_watching(*args, **kwargs):
+        s, accelerator = real_load_run(*args, **kwargs)
+        for part in (s.model.item_tower, s.model.user_encoder):
+            part.register_forward_hook(lambda *_: inside.append(torch.is_autocast_enabled("cpu")))
+        return s, accelerator
+
+    monkeypatch.setattr(evaluate, "load_run", load_run_watching)
+    for precision, expected in (("bf16", True), ("fp32", False)):
+        asked.clear(), inside.clear()
+        invoke("--run", str(trained_run), "--precision", precision, "--output", str(trained_run / "p.json"))
+        assert asked and set(asked) == {precision} and inside and set(inside) == {expected}
