@@ -372,6 +372,10 @@ def prepare(dataset: str | None, data_dir: str | None, cache_dir: str | None, co
 @config_option(TRAIN, "--mixed-precision", type=click.Choice(["auto", "no", "fp16", "bf16"]),
                help="auto = bf16 on CUDA, no on CPU.")
 @config_option(TRAIN, "--patience", type=int, help="Early stopping patience in epochs.")
+@config_option(TRAIN, "--log-with", none_means="off",
+               help="Also log losses and epoch metrics to Accelerate trackers, comma-separated: tensorboard "
+               "(runs/<run>/trackers/; pip install 'pmmcache[tracking]'), wandb, mlflow, comet_ml, aim, ... or all. "
+               "metrics.jsonl is written either way.")
 @config_option(TRAIN, "--seed", type=int, help="Training seed (batch order, corruption, initialisation).")
 @config_option(TRAIN, "--resume", is_flag=True, default=None, help="Continue the run from its last finished epoch.")
 @config_file_options
@@ -389,6 +393,8 @@ def train(config_file: str | None, settings: tuple[str, ...], **options: Any) ->
     pop_layout(options)
     if options.get("modalities"):
         options["modalities"] = options["modalities"].split(",")
+    if options.get("log_with") is not None:
+        options["log_with"] = [name.strip() for name in options["log_with"].split(",") if name.strip()]
     if options.get("ablation"):
         options["objectives"] = {"ablation": options["ablation"]}
     options.pop("ablation")

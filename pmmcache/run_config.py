@@ -14,6 +14,7 @@ from pmmcache.data.prepare import PrepareConfig
 from pmmcache.encoders.config import EncoderConfig
 from pmmcache.errors import ConfigError
 from pmmcache.model import PMMRecConfig
+from pmmcache.tracking import check_tracker_names
 
 
 # Table VIII's ablations of pre-training, as the objective settings each one changes.
@@ -167,6 +168,9 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = the whole epoch
     seed: int = 42
     resume: bool = False
+    # Accelerate trackers that also get the losses and metrics (tensorboard, wandb, mlflow, ..., "all");
+    # () = off. metrics.jsonl is written either way; see pmmcache/tracking.py.
+    log_with: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
@@ -197,6 +201,7 @@ class TrainConfig:
             raise ConfigError(f"encoders.modalities = {list(self.encoders.modalities)} is not a training setting: "
                               "the model's modalities decide which encoders are loaded; set `modalities` "
                               "(--modalities) for a single-modality model instead")
+        check_tracker_names(self.log_with)
         if self.modalities is not None and (not self.modalities or not set(self.modalities) <= {"text", "image"}
                                             or len(set(self.modalities)) != len(self.modalities)):
             raise ConfigError(f"modalities = {self.modalities}; name text and/or image, once each")

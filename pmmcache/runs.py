@@ -213,8 +213,9 @@ def run_directory(config: TrainConfig) -> Path:
     return Path(config.runs_dir) / name
 
 
-# Settings a resumed run may change: how long it goes on and how batches reach the step, not what it trains.
-RESUMABLE_CHANGES = ("epochs", "patience", "resume", "prefetch")
+# Settings a resumed run may change: how long it goes on, how batches reach the step and where its curves go,
+# not what it trains.
+RESUMABLE_CHANGES = ("epochs", "patience", "resume", "prefetch", "log_with")
 
 
 def prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:

@@ -11,6 +11,7 @@ Run directory `runs/<run>/`:
                          the last two epochs, sealed with checksums (see pmmcache/checkpoints.py)
     best/                model parts of the best epoch (safetensors) + metrics.json, replaced crash-safely
     eval.json            final valid/test metrics of the best epoch
+    trackers/            with --log-with tensorboard: its event files (pmmcache/tracking.py)
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -44,6 +45,7 @@ from pmmcache.run_config import ObjectiveConfig, TrainConfig
 from pmmcache.runs import (TRANSFER_PARTS, best_dir, prepare_run_dir, read_history, run_directory, setup,
                            with_init_model)
 from pmmcache.runtime import use_cpu
+from pmmcache.tracking import RunTrackers, require_installed, tracker_dir
 
 
 class TrainingStep(nn.Module):
@@ -354,11 +356,14 @@ def run(config: TrainConfig, show_progress: bool = True,
     to stop the run from outside."""
     # The scheduler steps once per optimizer step, as warmup_steps counts them: accelerate's default
     # steps a prepared scheduler once per process per step, which ended warmup early under `launch`.
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config.mixed_precision), cpu=use_cpu(),
-                              step_scheduler_with_optimizer=False)
-    set_seed(config.seed)
     config = with_init_model(config)
     run_dir = run_directory(config)
+    require_installed(config.log_with)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config.mixed_precision), cpu=use_cpu(),
+                              step_scheduler_with_optimizer=False, log_with=list(config.log_with) or None,
+                              project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                                                  logging_dir=str(tracker_dir(run_dir))))
+    set_seed(config.seed)
     checkpoints = run_dir / "checkpoints"
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, config)
@@ -401,6 +406,8 @@ def run(config: TrainConfig, show_progress: bool = True,
     balance = config.objectives.balance == "grad_norm" and len(weights) > 1 and "dap" in weights
     eval_precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"  # validation as it trains
     unwrapped = accelerator.unwrap_model(step_module).model
+    # No-op unless config.log_with; each log call is flushed, so a run that stops keeps what it logged.
+    trackers = RunTrackers(accelerator, config, run_dir)
     epoch = state.epoch
     while epoch < config.epochs and state.bad_epochs < config.patience:
         batches = epoch_batches(len(sequences), config.batch_size, epoch, config.seed,
@@ -440,6 +447,7 @@ def run(config: TrainConfig, show_progress: bool = True,
                     f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopped. "
                     f"The last good checkpoint is {ckpt.latest_checkpoint(checkpoints) or 'none (no epoch finished)'}. "
                     + nonfinite_loss_cause(batch, store, unwrapped, dataset.item_keys(), s.cache_path))
+            trackers.log_step(epoch * len(batches) + step + 1, loss_value, losses)
             if on_step is not None:
                 on_step(epoch, step)
             for name, value in losses.items():
@@ -466,6 +474,7 @@ def run(config: TrainConfig, show_progress: bool = True,
             state.bad_epochs += 1
         history.append(record)
         _save_epoch(accelerator, unwrapped, run_dir, state, improved, record, history)
+        trackers.log_epoch(epoch * len(batches), record)
         if accelerator.is_main_process and show_progress:
             hr = metrics.get("HR@10", float("nan"))
             # A hit rate over n users has standard error sqrt(p (1 - p) / n): epochs closer than ~2 of
@@ -493,6 +502,7 @@ def run(config: TrainConfig, show_progress: bool = True,
             print(format_with_popularity(final, popular, config.ks))
             print(f"best epoch {state.best_epoch}; run directory {run_dir}")
     accelerator.wait_for_everyone()
+    trackers.finish()
     return TrainResult(run_dir=run_dir, best_epoch=state.best_epoch, metrics=final, history=history)
 
 

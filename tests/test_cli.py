@@ -27,6 +27,7 @@ PER_VERB = {
     "--users": "the verb's users: the dataset's users file (prepare, extract, train), or how many (bench eval)",
     "--images": "the images of the items the verb reads: the dataset's (prepare, extract, train), the new ones (add-items)",
     "--run": "the run directory the verb reads (eval, recommend, ...) or writes (import-checkpoint)",
+    "--precision": "the verb's compute precision: eval's autocast on CUDA, bench's (auto = as the real command runs)",
 }
 
 
