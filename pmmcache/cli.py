@@ -621,7 +621,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 @click.option("--negatives-batches", default="32,128,256", show_default=True, callback=_batch_sizes,
               help="Users per batch at which the compute-only step is timed with in-batch negatives before "
                    "(pairwise (B, N, B*N) mask) and after (per-user bitmap), side by side; '' skips it.")
-@click.option("--negatives-steps", type=int, help="Timed steps per round of that comparison.  [default: 10 on CUDA, 2 on CPU]")
+@click.option("--negatives-steps", type=int, help="Timed steps per round of that comparison.  [default: 5 on CUDA, 2 on CPU]")
 @size_options
 def bench_step(output: str | None, **options: Any) -> None:
     """Training step on cached states (memmap / RAM / GPU, with and without prefetch) vs end to end

@@ -99,7 +99,8 @@ def test_step_bench_times_every_variant_side_by_side(tmp_path, monkeypatch):
     assert negatives["steps_timed"] == 2 and set(negatives["batches"]) == {"3", "6"}
     for figures in negatives["batches"].values():
         assert figures["ms_before"] > 0 and figures["ms_after"] > 0 and figures["speedup"] > 0
-    # 6 variants x 1 step, then per batch size 2 steps after; the old path only in the before steps
+        assert figures["dap_nicl_ms"]["before"] > 0 and figures["dap_nicl_ms"]["after"] > 0
+    # The trainer's step: 6 variants x 1 step, then per batch size 2 steps after; the old path only before
     assert calls == {"before": 2 * 2, "after": 6 + 2 * 2}
     variants = {"end_to_end", "cached_memmap_plain", "cached_memmap_prefetch", "cached_ram_plain",
                 "cached_ram_prefetch", "compute_only"}

@@ -19,6 +19,7 @@ autocast, backward through the accelerator, clipping at GRAD_CLIP, AdamW and sch
 """
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -33,9 +34,10 @@ from accelerate import Accelerator
 from pmmcache import cache as cache_io
 from pmmcache.batches import Batch, Prefetcher, prepare_batch
 from pmmcache.bench.common import (bench_keys, build_encoders, build_model, default_size, gpu_peak_mb,
-                                   host_peak_rss_mb, machine, reset_gpu_peak, resolve_device, synchronize,
+                                   host_peak_rss_mb, machine, median_ms, reset_gpu_peak, resolve_device, synchronize,
                                    write_synthetic_cache)
-from pmmcache.bench.pairwise import pairwise_objectives
+from pmmcache.bench.pairwise import pairwise_dap_loss, pairwise_nicl_loss, pairwise_objectives
+from pmmcache.objectives import dap_loss, nicl_loss
 from pmmcache.items import ItemStore
 from pmmcache.run_config import TrainConfig
 from pmmcache.train import TrainingStep, make_optimizer, step_inputs, train_step
@@ -61,6 +63,26 @@ class RecomputingStore:
         return cache_io.ItemStates(text=text, text_mask=self.token_mask[index].bool(), image=image, modality=modality)
 
 
+def objectives_ms(item_ids: torch.Tensor, dim: int, dap: Callable[..., torch.Tensor], nicl: Callable[..., torch.Tensor],
+                  repeats: int = 3) -> float:
+    """Median ms of DAP + NICL forward and backward alone (logQ on, random vectors of width `dim`) on
+    the batch's (B, N) ids: the part of the step the negative mask is in."""
+    generator = torch.Generator().manual_seed(0)
+    batch, length = item_ids.shape
+    device = item_ids.device
+    leaves = [torch.randn(batch, length, dim, generator=generator).to(device).requires_grad_(True) for _ in range(4)]
+    log_popularity = torch.full((int(item_ids.max()) + 1,), -math.log(max(1, int(item_ids.max())))).to(device)
+
+    def once() -> None:
+        states, vectors, texts, images = leaves
+        loss = dap(states[:, :-1], vectors, item_ids, log_popularity) + nicl(texts, images, item_ids,
+                                                                               log_popularity=log_popularity)
+        loss.backward()
+        synchronize(device)
+
+    return median_ms(once, repeats)
+
+
 def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = None, warmup: int | None = None, rounds: int = 3,
                    catalogue: int | None = None, device: str = "auto", precision: str = "auto",
                    stage: str = "pretrain", storages: tuple[str, ...] | None = None, work_dir: str | None = None,
@@ -78,7 +100,7 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
     warmup = (2 if dev.type == "cuda" else 1) if warmup is None else warmup
     catalogue = catalogue or (4000 if dev.type == "cuda" else 2000)
     storages = storages or (("memmap", "ram") + (("gpu",) if dev.type == "cuda" else ()))
-    negatives_steps = negatives_steps or (10 if dev.type == "cuda" else 2)
+    negatives_steps = negatives_steps or (5 if dev.type == "cuda" else 2)
     # The trainer's step (pmmcache.train.train_step): its optimizer, schedule, clipping and accelerator.
     config = TrainConfig(stage=stage, lr=1e-5, grad_clip=GRAD_CLIP)
     accelerator = Accelerator(mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(precision, "no"),
@@ -133,8 +155,11 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
                     with pairwise_objectives() if name == "before" else nullcontext():
                         done_so_far.append(timed(lambda _, ready=ready: ready.__getitem__, False, negatives_steps))
             ms = {name: statistics.median(r["ms"] for r in runs) for name, runs in done.items()}
+            losses = {name: round(objectives_ms(ready[0].ids.to(dev), size.dim, *pair, repeats=rounds), 2)
+                      for name, pair in (("before", (pairwise_dap_loss, pairwise_nicl_loss)), ("after", (dap_loss, nicl_loss)))}
             figures[str(batch_users)] = {
                 "ms_before": ms["before"], "ms_after": ms["after"], "speedup": round(ms["before"] / ms["after"], 2),
+                "dap_nicl_ms": losses, "dap_nicl_speedup": round(losses["before"] / losses["after"], 2),
                 "spread_ms": {name: [min(r["ms"] for r in runs), max(r["ms"] for r in runs)] for name, runs in done.items()},
                 "gpu_peak_mb": {name: max((r["gpu_peak_mb"] or 0) for r in runs) or None for name, runs in done.items()},
                 "unique_items_per_batch": round(statistics.mean(len(b.states.text) for b in ready), 1)}
@@ -188,7 +213,8 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
         "in_batch_negatives": {"steps_timed": negatives_steps, "batches": negatives,
                                "what": "compute-only step; before = DAP and NICL through the (B, N, B*N) comparison "
                                        "mask and dense masks over the logits (pmmcache.bench.pairwise), after = "
-                                       "the per-user bitmap and logit bias of pmmcache.objectives"},
+                                       "the per-user bitmap and logit bias of pmmcache.objectives; dap_nicl_ms = "
+                                       "those two losses alone, forward + backward, logQ on"},
         "host_peak_rss_mb": host_peak_rss_mb(),
         "note": "random weights and synthetic states (speed does not depend on them); end to end recomputes the "
                 "lower blocks from token ids and pixels already on the device (no image decoding), for the "
