@@ -114,7 +114,7 @@ def run_eval_bench(items: int | None = None, users: int | None = None, history: 
         "item_table_items_per_s": round(items / seconds["item_table"], 1),
         "user_vectors_users_per_s": round(users / seconds["user_vectors"], 1),
         "scoring_user_items_per_s": round(users * items / seconds["scores_and_ranks"], 1),
-        "scoring_at_scale": {"items": scoring_items, "users": users, "seconds": round(scale_seconds, 3),
+        "scoring_at_scale": {"items": scoring_items, "users": users, "seconds": round(scale_seconds, 6),
                              "user_items_per_s": round(users * scoring_items / scale_seconds, 1),
                              "vectors": "random, fp32 (scores, history mask, ranks as full_rank_metrics)"},
         "gpu_peak_mb": gpu_peak_mb(dev), "host_peak_rss_mb": host_peak_rss_mb(),
