@@ -236,6 +236,10 @@ def extraction_options(command: Any) -> Any:
         config_option(EXTRACT, "--num-workers", type=int, help=HELP["num_workers"]),
         config_option(EXTRACT, "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help=HELP["dtype"]),
         config_option(EXTRACT, "--cache-dtype", type=click.Choice(["float16", "int8"]), help=HELP["cache_dtype"]),
+        config_option(EXTRACT, "--image-decode", type=click.Choice(["auto", "cpu", "nvjpeg"]),
+                      help="Where JPEGs are decoded: nvjpeg on the GPU (torchvision.io.decode_jpeg; its resize "
+                           "differs from PIL's by about one grey level), cpu by PIL in the loaders; auto = nvjpeg "
+                           "when extracting on CUDA. Other formats always go through PIL."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -554,7 +558,10 @@ def bench_eval(output: str | None, **options: Any) -> None:
 @click.option("--tokens", default=100, show_default=True, help="Text tokens + image tokens per item.")
 @click.option("--dim", default=768, show_default=True, help=HELP["dim"])
 @click.option("--batch-items", default=672, show_default=True, help="Random items per batch (32 users x 21).")
-@click.option("--repeats", default=5, show_default=True)
+@click.option("--repeats", default=5, show_default=True, help="Timed reads per reader variant.")
+@click.option("--rounds", default=3, show_default=True,
+              help="Turns of extraction end to end and encoding alone (medians are reported).")
+@click.option("--reader/--no-reader", default=True, show_default=True, help="Also run the cache-reader comparison.")
 @click.option("--device", default="auto", show_default=True, help=HELP["device"])
 @encoder_options(EXTRACT, prefix="encoders.", seed=False)
 @extraction_options
