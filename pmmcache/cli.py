@@ -256,12 +256,17 @@ def extraction_options(command: Any) -> Any:
 @extraction_options
 @config_option(EXTRACT, "--device", help=HELP["device"])
 @config_option(EXTRACT, "--force", is_flag=True, default=None, help="Rebuild a cache that was made with other settings.")
+@config_option(EXTRACT, "--shards", metavar="auto|one-file|per-process|N",
+               help="Layout of a new cache: one file that every process writes through memory maps, or shard "
+                    "files (a shard per process, or N) read as one cache, each written by one process, for "
+                    "several machines on a network file system; auto = a shard per process when the processes "
+                    "span several machines. An existing cache keeps its layout (delete it to change that).")
 @config_file_options
 def extract(config_file: str | None, settings: tuple[str, ...], **options: Any) -> None:
     """Stage 1: encode every item's text and image with the frozen lower encoder blocks into an HDF5 cache.
 
     Resumable: interrupt it at any moment and rerun the same command to continue. Runs under
-    `accelerate launch` with several processes writing one cache.
+    `accelerate launch` with several processes writing one cache (one file, or a shard file each).
     """
     from pmmcache import extract as stage
 

@@ -17,6 +17,7 @@ whom) and then finds the work done.
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from pmmcache.errors import CacheMismatchError, ConfigError, DataError, Pmmcache
 from pmmcache.files import write_json
 from pmmcache.locks import exclusive_lock, lock_timeout
 from pmmcache.runtime import check_device, use_cpu
+from pmmcache.shards import shard_of
 from pmmcache.write_behind import BackgroundWriter
 
 Modality = Literal["text", "image"]
@@ -63,6 +65,10 @@ class ExtractConfig:
     # How states are stored: float16, or int8 with a float16 scale per token (half the size).
     cache_dtype: Literal["float16", "int8"] = "float16"
     force: bool = False  # rebuild a cache made with other settings
+    # How a new cache is laid out: one file, written by every process through memory maps; a shard file
+    # per process ("per-process") or N shard files, each written by one process; "auto" = one shard per
+    # process when the processes span several machines (no shared memory-mapped writes over a network).
+    shards: Literal["auto", "one-file", "per-process"] | int = "auto"
     # Where JPEGs are decoded: auto = on the GPU (nvJPEG) when extracting on CUDA, else by PIL in the loaders.
     image_decode: Literal["auto", "cpu", "nvjpeg"] = "auto"
     data: PrepareConfig = field(default_factory=PrepareConfig)  # k-core etc.: which items the catalogue has
@@ -76,6 +82,8 @@ class ExtractConfig:
             raise ConfigError(f"batch_size = {self.batch_size}; must be >= 1")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers = {self.num_workers}; must be >= 0")
+        if isinstance(self.shards, int) and self.shards < 1:
+            raise ConfigError(f"shards = {self.shards}; a number of shard files must be >= 1")
         check_device(self.device)
 
 
@@ -215,6 +223,19 @@ def item_loader(rows: ItemRows, num_workers: int) -> Any:
                       prefetch_factor=4)
 
 
+def shard_count(setting: str | int, num_processes: int) -> int:
+    """Shard files of a new cache for `ExtractConfig.shards` (0 = one file, no shards)."""
+    if setting == "one-file":
+        return 0
+    if setting == "per-process":
+        return num_processes
+    if isinstance(setting, int):
+        return setting
+    # torchrun (under `accelerate launch`) says how many processes run on this machine
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    return num_processes if local < num_processes else 0
+
+
 def _process_state(device: str) -> PartialState:
     """This process's place among those of `accelerate launch` (one process alone otherwise)."""
     return PartialState(cpu=use_cpu(device))
@@ -287,27 +308,34 @@ def _extract_into(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
                   config: ExtractConfig, state: PartialState, device: torch.device,
                   show_progress: bool) -> ExtractResult:
     if state.is_main_process:
-        _prepare_file(path, manifest, dataset, text, vision, force=config.force, states_dtype=config.cache_dtype)
+        _prepare_file(path, manifest, dataset, text, vision, force=config.force, states_dtype=config.cache_dtype,
+                      shards=shard_count(config.shards, state.num_processes))
     state.wait_for_everyone()
     if cache_io.is_complete(path):
         if state.is_main_process and show_progress:
             print(f"cache already complete: {path}")
         return ExtractResult(path=path, items=0, seconds=0.0, bytes_written=0, already_complete=True)
 
-    writer = cache_io.CacheWriter(path)
-    pending = writer.pending_rows()
+    maps = cache_io.open_maps(path)  # read-only
+    pending, row_bytes = cache_io.pending_rows(maps), _row_bytes(maps)
+    del maps
     state.wait_for_everyone()  # all processes split the same pending rows: none may write before all have read
-    mine = pending[state.process_index::state.num_processes]
+    index = cache_io.read_shards(path)
+    if index is None:  # one file: every process writes its share of the rows into it
+        mine, my_shards = pending[state.process_index::state.num_processes], None
+    else:  # shards: every process writes its own shard files, and only those
+        my_shards = list(range(state.process_index, len(index), state.num_processes))
+        mine = pending[np.isin(shard_of(index, pending), my_shards)]
+    writer = cache_io.CacheWriter(path, shards=my_shards) if len(mine) else None
     batches = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
     device_jpeg = vision is not None and image_decoder(config.image_decode, device) == "nvjpeg"
     rows = ItemRows(batches, *item_columns(dataset), dataset.image_stores, text, vision, device_jpeg=device_jpeg)
     loader = item_loader(rows, config.num_workers)
-    row_bytes = _row_bytes(writer)
     hashes = np.zeros((dataset.num_items + 1, cache_io.ITEM_HASH_BYTES), np.uint8)  # row 0 = padding: zeros
     hashes[1:] = dataset.item_fingerprints()
     progress = tqdm(total=len(pending), unit="item", desc=f"extract {config.dataset}", dynamic_ncols=True,
                     disable=not (show_progress and state.is_main_process))
-    background = BackgroundWriter(writer, [""] + dataset.item_keys(), path, row_bytes * len(pending))
+    background = BackgroundWriter(writer, [""] + dataset.item_keys(), path, row_bytes * len(pending)) if writer else None
     start = time.perf_counter()
     try:
         # The file is allocated up front; a disk full here is elsewhere (e.g. the temporary folder).
@@ -320,11 +348,13 @@ def _extract_into(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
                     arrays["item_hash"] = hashes[batch.rows]
                 background.put(batch.rows, *_to_host(arrays, device))
                 progress.update(len(batch.rows) * state.num_processes)
-            background.finish()
+            if background is not None:
+                background.finish()
     finally:
-        background.stop()
         progress.close()
-        writer.close()
+        if writer is not None:
+            background.stop()
+            writer.close()
     state.wait_for_everyone()
     seconds = time.perf_counter() - start
     total_done = int((pending > 0).sum())  # row 0 is padding, not an item
@@ -338,9 +368,10 @@ def _extract_into(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
 
 
 def _prepare_file(path: Path, manifest: dict, dataset: Any, text: TextEncoder | None, vision: VisionEncoder | None,
-                  force: bool, states_dtype: str = "float16") -> None:
-    """Create the cache file, or check that an existing one was made with the same settings and mark the
-    rows of items that changed since for re-encoding."""
+                  force: bool, states_dtype: str = "float16", shards: int = 0) -> None:
+    """Create the cache (one file, or `shards` shard files and their index), or check that an existing
+    one was made with the same settings and mark the rows of items that changed since for re-encoding.
+    An existing cache keeps its layout."""
     if path.exists():
         try:
             # The dataset part is checked item by item: changed items are re-encoded, not refused.
@@ -349,17 +380,21 @@ def _prepare_file(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
         except PmmcacheError as err:
             if not force:
                 raise CacheMismatchError(f"{err}\nPass --force to rebuild it (the old file is replaced).") from None
-            path.unlink()
+            cache_io.remove_cache(path)
         else:
             if not cache_io.is_complete(path):  # made before space was reserved, or resumed after a disk full
-                cache_io.reserve_space(path)
+                for file in cache_io.cache_files(path):
+                    cache_io.reserve_space(file)
             return
     layout = cache_io.cache_layout(
         dataset.num_items + 1,
         (text.spec.max_length, text.d_model) if text else None,
         (vision.num_tokens, vision.d_model) if vision else None,
         states_dtype)
-    cache_io.create_cache(path, manifest, [""] + dataset.item_keys(), layout)
+    if shards:
+        cache_io.create_sharded_cache(path, manifest, [""] + dataset.item_keys(), layout, shards)
+    else:
+        cache_io.create_cache(path, manifest, [""] + dataset.item_keys(), layout)
 
 
 def _mark_changed_items(path: Path, dataset: Any) -> None:
@@ -485,8 +520,8 @@ def _to_host(arrays: dict[str, np.ndarray | torch.Tensor],
     return host, copied.synchronize
 
 
-def _row_bytes(writer: cache_io.CacheWriter) -> int:
-    return sum(int(np.prod(mm.shape[1:])) * mm.dtype.itemsize for name, mm in writer.maps.items()
+def _row_bytes(maps: dict[str, Any]) -> int:
+    return sum(int(np.prod(mm.shape[1:])) * mm.dtype.itemsize for name, mm in maps.items()
                if name not in ("complete", "done"))
 
 
