@@ -564,8 +564,7 @@ def bench_eval(output: str | None, **options: Any) -> None:
 @click.option("--dim", default=768, show_default=True, help=HELP["dim"])
 @click.option("--batch-items", default=672, show_default=True, help="Random items per batch (32 users x 21).")
 @click.option("--repeats", default=5, show_default=True, help="Timed reads per reader variant.")
-@click.option("--rounds", default=3, show_default=True,
-              help="Turns of extraction end to end and encoding alone (medians are reported).")
+@click.option("--rounds", default=3, show_default=True, help="Rounds; the variants take turns, the median is reported.")
 @click.option("--reader/--no-reader", default=True, show_default=True, help="Also run the cache-reader comparison.")
 @click.option("--device", default="auto", show_default=True, help=HELP["device"])
 @encoder_options(EXTRACT, prefix="encoders.", seed=False)
