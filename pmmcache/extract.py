@@ -335,12 +335,15 @@ def _extract_into(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
     hashes[1:] = dataset.item_fingerprints()
     progress = tqdm(total=len(pending), unit="item", desc=f"extract {config.dataset}", dynamic_ncols=True,
                     disable=not (show_progress and state.is_main_process))
-    background = BackgroundWriter(writer, [""] + dataset.item_keys(), path, row_bytes * len(pending)) if writer else None
     start = time.perf_counter()
+    background = None
     try:
+        loaded = iter(loader)  # loader processes fork here: before the writer thread exists
+        if writer is not None:
+            background = BackgroundWriter(writer, [""] + dataset.item_keys(), path, row_bytes * len(pending))
         # The file is allocated up front; a disk full here is elsewhere (e.g. the temporary folder).
         with torch.no_grad(), cache_io.explain_disk_full(path, row_bytes * len(pending)):
-            for batch in loader:
+            for batch in loaded:
                 if isinstance(batch, PmmcacheError):  # raised while loading the batch, in a worker or here
                     raise batch
                 arrays = _encode(batch, text, vision, device, config.cache_dtype)
@@ -352,8 +355,9 @@ def _extract_into(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
                 background.finish()
     finally:
         progress.close()
-        if writer is not None:
+        if background is not None:
             background.stop()
+        if writer is not None:
             writer.close()
     state.wait_for_everyone()
     seconds = time.perf_counter() - start
