@@ -32,6 +32,11 @@ stored as int8 with one float16 scale, symmetric (x ~ q * scale, scale = max|x| 
 reader dequantises to float16 on read, on the training device. The manifest records the dtype
 (`storage_dtype`); stage 2 does not compare it, so a model trained on a float16 cache reads an int8
 cache of the same encoders and vice versa.
+
+A sharded cache (`pmmcache extract --shards`, see `pmmcache.shards`) is an index file at the same path
+(manifest, keys, the list of shard files) and one file of the layout above per contiguous range of
+rows. `open_maps`, `is_complete`, `CacheWriter` and `CacheReader` take the index path and treat the
+shards as one cache, so nothing that reads a cache needs to know which kind it is.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ import numpy as np
 import torch
 
 from pmmcache.errors import CacheMismatchError, PmmcacheError
+from pmmcache.shards import EveryShard, RowConcat, Shard, plan_shards
 
 if TYPE_CHECKING:  # the specs are only named here: cache.py sits below the encoders
     from pmmcache.encoders import TextEncoderSpec, VisionEncoderSpec
@@ -301,10 +307,95 @@ def _offsets(path: Path, layout: list[ArraySpec]) -> dict[ArraySpec, int]:
         return offsets
 
 
-def open_maps(path: Path, mode: Literal["r", "r+"] = "r", names: set[str] | None = None) -> dict[str, np.memmap]:
-    """Memory maps of the contiguous datasets of a cache (all, or those in `names`)."""
+def _file_maps(path: Path, mode: Literal["r", "r+"], names: set[str] | None) -> dict[str, np.memmap]:
     return {spec.name: np.memmap(path, dtype=spec.dtype, mode=mode, offset=offset, shape=spec.shape)
             for spec, offset in _offsets(path, read_layout(path)).items() if names is None or spec.name in names}
+
+
+def open_maps(path: Path, mode: Literal["r", "r+"] = "r", names: set[str] | None = None,
+              shards: list[int] | None = None) -> dict[str, Any]:
+    """Memory maps of the contiguous datasets of a cache (all, or those in `names`), indexed by cache row.
+
+    For a sharded cache each is a `RowConcat` of the shards' maps (`shards`: which ones, default all)
+    and `complete` an `EveryShard`."""
+    index = read_shards(path)
+    if index is None:
+        return _file_maps(path, mode, names)
+    chosen = list(range(len(index))) if shards is None else list(shards)
+    opened = {i: _file_maps(shard_file(path, index[i]), mode, names) for i in chosen}
+    return {name: EveryShard([opened[i][name] for i in chosen]) if name == "complete" else
+            RowConcat({index[i].first_row: opened[i][name] for i in chosen}, index[-1].stop)
+            for name in opened[chosen[0]]}
+
+
+def pending_rows(maps: dict[str, Any]) -> np.ndarray:
+    """Rows of `open_maps(...)` not yet done (row 0 included while not written)."""
+    done = maps["done"]
+    rows = done.covered() if isinstance(done, RowConcat) else np.arange(len(done))
+    return rows[np.asarray(done[rows]) == 0]
+
+
+# ---- sharded caches: an index file naming one cache file per range of rows
+
+def read_shards(path: Path) -> list[Shard] | None:
+    """The shards of the cache whose index is at `path`; None for a cache in one file."""
+    with h5py.File(path, "r") as f:
+        raw = f.attrs.get("shards")
+    return None if raw is None else [Shard(**entry) for entry in json.loads(raw)]
+
+
+def shard_file(index: Path, shard: Shard) -> Path:
+    """Where a shard lives: beside its index. PmmcacheError when it is not there."""
+    path = index.with_name(shard.file)
+    if not path.is_file():
+        raise PmmcacheError(f"{index}: its shard {shard.file} (rows {shard.first_row}-{shard.stop - 1}) is missing; "
+                            "rerun `pmmcache extract` with the options that made it, or copy the shard beside the index")
+    return path
+
+
+def create_shard_index(path: Path, manifest: dict[str, Any], keys: list[str], shards: list[Shard]) -> None:
+    """Write the index of a sharded cache atomically; the shard files are created by their writers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["manifest"] = json.dumps(manifest, sort_keys=True)
+            f.attrs["shards"] = json.dumps([shard.__dict__ for shard in shards])
+            f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def create_sharded_cache(path: Path, manifest: dict[str, Any], keys: list[str], layout: list[ArraySpec],
+                         count: int) -> None:
+    """Create a cache of `count` shard files (each as `create_cache` makes one, with its rows' keys and
+    its place in the manifest's `shard`), then its index: an index on disk means every shard was made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(path.parent, layout_bytes(layout, keys), f"the cache {path}")
+    shards = plan_shards(path, len(keys), count)
+    for i, shard in enumerate(shards):
+        rows = slice(shard.first_row, shard.stop)
+        shard_layout = [spec if spec.name == "complete" else ArraySpec(spec.name, (shard.rows,) + spec.shape[1:], spec.dtype)
+                        for spec in layout]
+        placed = {**manifest, "shard": {"index": i, "of": count, "first_row": shard.first_row, "rows": shard.rows}}
+        create_cache(path.with_name(shard.file), placed, keys[rows], shard_layout)
+    create_shard_index(path, manifest, keys, shards)
+
+
+def cache_files(path: Path) -> list[Path]:
+    """The files of a cache: itself, or the shard files its index names (missing ones included)."""
+    index = read_shards(path) if path.is_file() else None
+    return [path] if index is None else [path.with_name(shard.file) for shard in index]
+
+
+def remove_cache(path: Path) -> None:
+    """Delete a cache: its file, or its index and every shard file."""
+    for file in cache_files(path):
+        file.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
 
 
 def row_checksums(maps: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
@@ -321,7 +412,7 @@ def row_checksums(maps: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
 
 
 def read_layout(path: Path) -> list[ArraySpec]:
-    """The contiguous datasets present in an existing cache file."""
+    """The contiguous datasets present in one cache file (a sharded cache: in one of its shards)."""
     specs = []
     with h5py.File(path, "r") as f:
         def visit(name: str, obj: Any) -> None:
@@ -375,19 +466,18 @@ def check_manifest(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
 
 class CacheWriter:
     """Writes rows of an allocated cache through memory maps; safe to use from several processes at once
-    as long as each writes its own rows."""
+    as long as each writes its own rows. Of a sharded cache, opens the `shards` given (default all)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, shards: list[int] | None = None):
         self.path = path
-        self.layout = read_layout(path)
-        self.maps = open_maps(path, mode="r+")
+        self.maps = open_maps(path, mode="r+", shards=shards)
 
     def has(self, name: str) -> bool:
         return name in self.maps
 
     def pending_rows(self) -> np.ndarray:
         """Row indices not yet done (row 0 included while not written)."""
-        return np.flatnonzero(self.maps["done"] == 0)
+        return pending_rows(self.maps)
 
     def write(self, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         """Write `arrays[name][j]` into row `rows[j]` and the rows' checksums, flush, then mark the rows
@@ -415,8 +505,9 @@ class CacheWriter:
         return bool(self.maps["complete"][0])
 
     def mark_complete(self) -> None:
-        if not np.all(self.maps["done"] == 1):
-            raise PmmcacheError(f"{self.path}: cannot mark complete, {int((self.maps['done'] == 0).sum())} rows pending")
+        pending = self.pending_rows()
+        if len(pending):
+            raise PmmcacheError(f"{self.path}: cannot mark complete, {len(pending)} rows pending")
         self.maps["complete"][0] = 1
         self.maps["complete"].flush()
 
@@ -435,6 +526,9 @@ def is_complete(path: Path) -> bool:
     """True only for a cache whose every row was written (a partial file is never taken as whole)."""
     if not path.is_file():
         return False
+    index = read_shards(path)
+    if index is not None:
+        return all(is_complete(shard_file(path, shard)) for shard in index)  # a missing shard: an error naming it
     spec, offset = next((s, o) for s, o in _offsets(path, read_layout(path)).items() if s.name == "complete")
     return bool(np.memmap(path, dtype=spec.dtype, mode="r", offset=offset, shape=spec.shape)[0])
 
@@ -541,7 +635,7 @@ class CacheReader:
 
     def _gather(self, array: np.ndarray, rows: np.ndarray) -> torch.Tensor:
         """Rows of a host array; into pinned memory when they go on to a GPU, so the copy is asynchronous."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or not isinstance(array, np.ndarray):  # (a sharded cache's RowConcat)
             return torch.from_numpy(array[rows])
         out = torch.empty((len(rows),) + array.shape[1:], dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
         np.take(array, rows, axis=0, out=out.numpy())

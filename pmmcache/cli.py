@@ -262,6 +262,10 @@ def extraction_options(command: Any) -> Any:
         config_option(EXTRACT, "--num-workers", type=int, help=HELP["num_workers"]),
         config_option(EXTRACT, "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help=HELP["dtype"]),
         config_option(EXTRACT, "--cache-dtype", type=click.Choice(["float16", "int8"]), help=HELP["cache_dtype"]),
+        config_option(EXTRACT, "--image-decode", type=click.Choice(["auto", "cpu", "nvjpeg"]),
+                      help="Where JPEGs are decoded: nvjpeg on the GPU (torchvision.io.decode_jpeg; its resize "
+                           "differs from PIL's by about one grey level), cpu by PIL in the loaders; auto = nvjpeg "
+                           "when extracting on CUDA. Other formats always go through PIL."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -279,12 +283,17 @@ def extraction_options(command: Any) -> Any:
 @extraction_options
 @config_option(EXTRACT, "--device", help=HELP["device"])
 @config_option(EXTRACT, "--force", is_flag=True, default=None, help="Rebuild a cache that was made with other settings.")
+@config_option(EXTRACT, "--shards", metavar="auto|one-file|per-process|N",
+               help="Layout of a new cache: one file that every process writes through memory maps, or shard "
+                    "files (a shard per process, or N) read as one cache, each written by one process, for "
+                    "several machines on a network file system; auto = a shard per process when the processes "
+                    "span several machines. An existing cache keeps its layout (delete it to change that).")
 @config_file_options
 def extract(config_file: str | None, settings: tuple[str, ...], **options: Any) -> None:
     """Stage 1: encode every item's text and image with the frozen lower encoder blocks into an HDF5 cache.
 
     Resumable: interrupt it at any moment and rerun the same command to continue. Runs under
-    `accelerate launch` with several processes writing one cache.
+    `accelerate launch` with several processes writing one cache (one file, or a shard file each).
     """
     from pmmcache import extract as stage
 
@@ -659,7 +668,9 @@ def bench_eval(output: str | None, **options: Any) -> None:
 @click.option("--tokens", default=100, show_default=True, help="Text tokens + image tokens per item.")
 @click.option("--dim", default=768, show_default=True, help=HELP["dim"])
 @click.option("--batch-items", default=672, show_default=True, help="Random items per batch (32 users x 21).")
-@click.option("--repeats", default=5, show_default=True)
+@click.option("--repeats", default=5, show_default=True, help="Timed reads per reader variant.")
+@click.option("--rounds", default=3, show_default=True, help="Rounds; the variants take turns, the median is reported.")
+@click.option("--reader/--no-reader", default=True, show_default=True, help="Also run the cache-reader comparison.")
 @click.option("--device", default="auto", show_default=True, help=HELP["device"])
 @encoder_options(EXTRACT, prefix="encoders.", seed=False)
 @extraction_options

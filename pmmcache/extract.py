@@ -4,6 +4,12 @@
 its share of the pending rows and writes them into the same file (each row belongs to one process);
 the main process creates the file first and marks it complete last.
 
+Each process runs a pipeline of three overlapped parts: loader processes (`num_workers`; a thread when
+0) decode images and tokenise texts a few batches ahead, the main loop runs the lower blocks, and a
+writer thread (`pmmcache.write_behind`) writes the previous batch's rows meanwhile. On CUDA, JPEG
+bytes skip the loaders' decoding and are decoded on the GPU (nvJPEG, `image_decode`); the loaders
+hand over uint8 pixels, normalised on the device.
+
 Rerunning it after items changed re-encodes just those rows (same item keys in the same order, new
 text or image bytes); a changed item set (items added or removed) needs `--force`. The main process
 holds `<cache>.lock` from start to end, so a second `extract` of the same cache waits (saying for
@@ -11,11 +17,12 @@ whom) and then finds the work done.
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -25,8 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pmmcache import cache as cache_io
+from pmmcache.batches import Prefetcher
 from pmmcache.config import to_dict
-from pmmcache.data.images import decode_image, open_image_store
+from pmmcache.data.images import decode_image, decode_jpegs, device_decodable, open_image_store
 from pmmcache.data.prepare import PrepareConfig, problem_lines
 from pmmcache.data.registry import resolve_dataset
 from pmmcache.encoders import TextEncoder, VisionEncoder
@@ -35,6 +43,8 @@ from pmmcache.errors import CacheMismatchError, ConfigError, DataError, Pmmcache
 from pmmcache.files import write_json
 from pmmcache.locks import exclusive_lock, lock_timeout
 from pmmcache.runtime import check_device, use_cpu
+from pmmcache.shards import shard_of
+from pmmcache.write_behind import BackgroundWriter
 
 Modality = Literal["text", "image"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,12 +59,18 @@ class ExtractConfig:
     cache_dir: Path = Path("cache")
     encoders: EncoderConfig = field(default_factory=EncoderConfig)  # which encoders, split where
     batch_size: int = 64
-    num_workers: int = 2  # processes decoding images and tokenising, per extraction process
+    num_workers: int = 2  # processes decoding images and tokenising, per extraction process (0: a thread)
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of the lower blocks
     # How states are stored: float16, or int8 with a float16 scale per token (half the size).
     cache_dtype: Literal["float16", "int8"] = "float16"
     force: bool = False  # rebuild a cache made with other settings
+    # How a new cache is laid out: one file, written by every process through memory maps; a shard file
+    # per process ("per-process") or N shard files, each written by one process; "auto" = one shard per
+    # process when the processes span several machines (no shared memory-mapped writes over a network).
+    shards: Literal["auto", "one-file", "per-process"] | int = "auto"
+    # Where JPEGs are decoded: auto = on the GPU (nvJPEG) when extracting on CUDA, else by PIL in the loaders.
+    image_decode: Literal["auto", "cpu", "nvjpeg"] = "auto"
     data: PrepareConfig = field(default_factory=PrepareConfig)  # k-core etc.: which items the catalogue has
 
     # Settings that moved into `encoders` (pmmcache before one EncoderConfig); `config.from_dict` names the new key.
@@ -64,6 +80,10 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size = {self.batch_size}; must be >= 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers = {self.num_workers}; must be >= 0")
+        if isinstance(self.shards, int) and self.shards < 1:
+            raise ConfigError(f"shards = {self.shards}; a number of shard files must be >= 1")
         check_device(self.device)
 
 
@@ -89,46 +109,73 @@ def build_manifest(dataset: Any, text: TextEncoder | None, vision: VisionEncoder
     }
 
 
+def image_decoder(setting: str, device: torch.device) -> Literal["cpu", "nvjpeg"]:
+    """Where JPEG bytes are decoded for `ExtractConfig.image_decode` on `device`: "nvjpeg" (on the GPU,
+    in the extraction process) or "cpu" (PIL, in the loaders). Other formats always go to PIL."""
+    if setting == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        if setting == "nvjpeg":
+            raise ConfigError(f"image_decode = 'nvjpeg' needs a CUDA device (extracting on {device}); "
+                              "use --image-decode auto or cpu")
+        return "cpu"
+    return "nvjpeg"
+
+
 @dataclass
 class ItemBatch:
     rows: np.ndarray  # (B,)
     flags: np.ndarray  # (B,) uint8 problem bits
     input_ids: torch.Tensor | None = None  # (B, L)
     attention_mask: torch.Tensor | None = None  # (B, L)
-    pixels: torch.Tensor | None = None  # (B, 3, H, W)
+    pixels: torch.Tensor | None = None  # (B, 3, S, S) uint8, resized; zeros where `jpegs` or no image
+    jpegs: list[tuple[int, bytes, str]] = field(default_factory=list)  # (position, bytes, where): decode on the device
+
+
+def decode_or_flag(data: bytes, where: str, min_side: int) -> tuple[Image.Image | None, int]:
+    """Image bytes -> (RGB image, 0), or (None, FLAG_IMAGE_UNREADABLE) for bytes PIL cannot decode.
+    DataError (too large to decode) passes: the user must act, not a flag in the report."""
+    try:
+        return decode_image(data, where, min_side), 0
+    except DataError:
+        raise
+    except Exception:  # PIL raises many types for corrupt data; all mean "unreadable"
+        return None, cache_io.FLAG_IMAGE_UNREADABLE
 
 
 class ItemRows(Dataset):
-    """Loads one batch of rows per index: tokenised texts and decoded, preprocessed images.
+    """Loads one batch of rows per index: tokenised texts and decoded, resized images (uint8).
 
-    Runs in DataLoader worker processes, so image decoding overlaps with encoding.
+    Runs in DataLoader worker processes (or a loader thread), so decoding overlaps with encoding.
+    `device_jpeg` leaves JPEG bytes undecoded in `ItemBatch.jpegs`, for the GPU to decode.
     """
 
     def __init__(self, batches: list[np.ndarray], texts: list[str | None], images: list[tuple[int, str | None]],
-                 stores: list[dict], text_encoder: TextEncoder | None, vision_encoder: VisionEncoder | None):
+                 stores: list[dict], text_encoder: TextEncoder | None, vision_encoder: VisionEncoder | None,
+                 device_jpeg: bool = False):
         self.batches, self.texts, self.images, self.store_specs = batches, texts, images, stores
         self.text_encoder, self.vision_encoder = text_encoder, vision_encoder
+        self.device_jpeg = device_jpeg
         self._stores: dict[int, Any] = {}  # opened lazily, once per worker process
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def _image(self, row: int) -> tuple[Image.Image | None, int]:
+    def _image(self, row: int) -> tuple[Image.Image | bytes | None, str, int]:
+        """(decoded image, or JPEG bytes left for the device, or None; where it is; problem flag)."""
         store_id, key = self.images[row]
         if store_id < 0 or key is None:
-            return None, cache_io.FLAG_IMAGE_MISSING
+            return None, "", cache_io.FLAG_IMAGE_MISSING
         if store_id not in self._stores:
             self._stores[store_id] = open_image_store(self.store_specs[store_id])
         data = self._stores[store_id].get_bytes(key)
+        where = f"{self.store_specs[store_id]['path']}, image {key!r}"
         if data is None:
-            return None, cache_io.FLAG_IMAGE_MISSING
-        try:
-            return decode_image(data, f"{self.store_specs[store_id]['path']}, image {key!r}",
-                                self.vision_encoder.spec.image_size), 0
-        except DataError:  # too large to decode: the user must act, not a flag in the report
-            raise
-        except Exception:  # PIL raises many types for corrupt data; all mean "unreadable"
-            return None, cache_io.FLAG_IMAGE_UNREADABLE
+            return None, where, cache_io.FLAG_IMAGE_MISSING
+        if self.device_jpeg and device_decodable(data):
+            return data, where, 0
+        image, flag = decode_or_flag(data, where, self.vision_encoder.spec.image_size)
+        return image, where, flag
 
     def __getitem__(self, i: int) -> ItemBatch | PmmcacheError:
         """The batch, or the user-facing error that loading it raised: returned rather than raised, since
@@ -157,11 +204,36 @@ class ItemRows(Dataset):
             images = []
             blank = Image.new("RGB", (self.vision_encoder.spec.image_size,) * 2)
             for j, row in enumerate(rows):
-                img, flag = (None, cache_io.FLAG_IMAGE_MISSING) if row == 0 else self._image(row)
+                img, where, flag = (None, "", cache_io.FLAG_IMAGE_MISSING) if row == 0 else self._image(row)
                 flags[j] |= flag
+                if isinstance(img, bytes):
+                    batch.jpegs.append((j, img, where))
+                    img = None
                 images.append(img if img is not None else blank)
-            batch.pixels = self.vision_encoder.preprocess(images)
+            batch.pixels = self.vision_encoder.preprocessing.to_uint8(images)
         return batch
+
+
+def item_loader(rows: ItemRows, num_workers: int) -> Any:
+    """The batches of `rows` in order, loaded ahead: by `num_workers` processes, or by one thread for 0
+    (PIL's decoding and the fast tokenizers release the GIL, so a thread overlaps with encoding too)."""
+    if num_workers == 0:
+        return Prefetcher(range(len(rows)), rows.__getitem__, depth=2)
+    return DataLoader(rows, batch_size=None, shuffle=False, num_workers=num_workers, persistent_workers=False,
+                      prefetch_factor=4)
+
+
+def shard_count(setting: str | int, num_processes: int) -> int:
+    """Shard files of a new cache for `ExtractConfig.shards` (0 = one file, no shards)."""
+    if setting == "one-file":
+        return 0
+    if setting == "per-process":
+        return num_processes
+    if isinstance(setting, int):
+        return setting
+    # torchrun (under `accelerate launch`) says how many processes run on this machine
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    return num_processes if local < num_processes else 0
 
 
 def _process_state(device: str) -> PartialState:
@@ -236,43 +308,57 @@ def _extract_into(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
                   config: ExtractConfig, state: PartialState, device: torch.device,
                   show_progress: bool) -> ExtractResult:
     if state.is_main_process:
-        _prepare_file(path, manifest, dataset, text, vision, force=config.force, states_dtype=config.cache_dtype)
+        _prepare_file(path, manifest, dataset, text, vision, force=config.force, states_dtype=config.cache_dtype,
+                      shards=shard_count(config.shards, state.num_processes))
     state.wait_for_everyone()
     if cache_io.is_complete(path):
         if state.is_main_process and show_progress:
             print(f"cache already complete: {path}")
         return ExtractResult(path=path, items=0, seconds=0.0, bytes_written=0, already_complete=True)
 
-    writer = cache_io.CacheWriter(path)
-    pending = writer.pending_rows()
+    maps = cache_io.open_maps(path)  # read-only
+    pending, row_bytes = cache_io.pending_rows(maps), _row_bytes(maps)
+    del maps
     state.wait_for_everyone()  # all processes split the same pending rows: none may write before all have read
-    mine = pending[state.process_index::state.num_processes]
+    index = cache_io.read_shards(path)
+    if index is None:  # one file: every process writes its share of the rows into it
+        mine, my_shards = pending[state.process_index::state.num_processes], None
+    else:  # shards: every process writes its own shard files, and only those
+        my_shards = list(range(state.process_index, len(index), state.num_processes))
+        mine = pending[np.isin(shard_of(index, pending), my_shards)]
+    writer = cache_io.CacheWriter(path, shards=my_shards) if len(mine) else None
     batches = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
-    rows = ItemRows(batches, *item_columns(dataset), dataset.image_stores, text, vision)
-    loader = DataLoader(rows, batch_size=None, shuffle=False, num_workers=config.num_workers,
-                        persistent_workers=False, prefetch_factor=4 if config.num_workers > 0 else None)
-    row_bytes = _row_bytes(writer)
+    device_jpeg = vision is not None and image_decoder(config.image_decode, device) == "nvjpeg"
+    rows = ItemRows(batches, *item_columns(dataset), dataset.image_stores, text, vision, device_jpeg=device_jpeg)
+    loader = item_loader(rows, config.num_workers)
     hashes = np.zeros((dataset.num_items + 1, cache_io.ITEM_HASH_BYTES), np.uint8)  # row 0 = padding: zeros
     hashes[1:] = dataset.item_fingerprints()
     progress = tqdm(total=len(pending), unit="item", desc=f"extract {config.dataset}", dynamic_ncols=True,
                     disable=not (show_progress and state.is_main_process))
     start = time.perf_counter()
-    done = 0
+    background = None
     try:
+        loaded = iter(loader)  # loader processes fork here: before the writer thread exists
+        if writer is not None:
+            background = BackgroundWriter(writer, [""] + dataset.item_keys(), path, row_bytes * len(pending))
         # The file is allocated up front; a disk full here is elsewhere (e.g. the temporary folder).
         with torch.no_grad(), cache_io.explain_disk_full(path, row_bytes * len(pending)):
-            for batch in loader:
+            for batch in loaded:
                 if isinstance(batch, PmmcacheError):  # raised while loading the batch, in a worker or here
                     raise batch
                 arrays = _encode(batch, text, vision, device, config.cache_dtype)
                 if writer.has("item_hash"):
                     arrays["item_hash"] = hashes[batch.rows]
-                writer.write(batch.rows, arrays)
-                done += len(batch.rows)
+                background.put(batch.rows, *_to_host(arrays, device))
                 progress.update(len(batch.rows) * state.num_processes)
+            if background is not None:
+                background.finish()
     finally:
         progress.close()
-        writer.close()
+        if background is not None:
+            background.stop()
+        if writer is not None:
+            writer.close()
     state.wait_for_everyone()
     seconds = time.perf_counter() - start
     total_done = int((pending > 0).sum())  # row 0 is padding, not an item
@@ -286,9 +372,10 @@ def _extract_into(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
 
 
 def _prepare_file(path: Path, manifest: dict, dataset: Any, text: TextEncoder | None, vision: VisionEncoder | None,
-                  force: bool, states_dtype: str = "float16") -> None:
-    """Create the cache file, or check that an existing one was made with the same settings and mark the
-    rows of items that changed since for re-encoding."""
+                  force: bool, states_dtype: str = "float16", shards: int = 0) -> None:
+    """Create the cache (one file, or `shards` shard files and their index), or check that an existing
+    one was made with the same settings and mark the rows of items that changed since for re-encoding.
+    An existing cache keeps its layout."""
     if path.exists():
         try:
             # The dataset part is checked item by item: changed items are re-encoded, not refused.
@@ -297,17 +384,21 @@ def _prepare_file(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
         except PmmcacheError as err:
             if not force:
                 raise CacheMismatchError(f"{err}\nPass --force to rebuild it (the old file is replaced).") from None
-            path.unlink()
+            cache_io.remove_cache(path)
         else:
             if not cache_io.is_complete(path):  # made before space was reserved, or resumed after a disk full
-                cache_io.reserve_space(path)
+                for file in cache_io.cache_files(path):
+                    cache_io.reserve_space(file)
             return
     layout = cache_io.cache_layout(
         dataset.num_items + 1,
         (text.spec.max_length, text.d_model) if text else None,
         (vision.num_tokens, vision.d_model) if vision else None,
         states_dtype)
-    cache_io.create_cache(path, manifest, [""] + dataset.item_keys(), layout)
+    if shards:
+        cache_io.create_sharded_cache(path, manifest, [""] + dataset.item_keys(), layout, shards)
+    else:
+        cache_io.create_cache(path, manifest, [""] + dataset.item_keys(), layout)
 
 
 def _mark_changed_items(path: Path, dataset: Any) -> None:
@@ -359,41 +450,82 @@ def item_columns(dataset: Any) -> tuple[list[str | None], list[tuple[int, str | 
     return texts, [(-1, None)] + list(zip(stores, keys))
 
 
-def _states_arrays(name: str, states: torch.Tensor, states_dtype: str) -> dict[str, np.ndarray]:
-    """`name/states` (and `name/scale` for int8) as stored; int8 is quantised on the encoding device."""
+def _states_arrays(name: str, states: torch.Tensor, states_dtype: str) -> dict[str, torch.Tensor]:
+    """`name/states` (and `name/scale` for int8) as stored, on the encoding device (int8 is quantised there)."""
     if states_dtype == "int8":
         q, scale = cache_io.quantize_int8(states)
-        return {f"{name}/states": q.cpu().numpy(), f"{name}/scale": scale.cpu().numpy()}
-    return {f"{name}/states": states.to(torch.float16).cpu().numpy()}
+        return {f"{name}/states": q, f"{name}/scale": scale}
+    return {f"{name}/states": states.to(torch.float16)}
+
+
+def device_pixels(batch: ItemBatch, vision: VisionEncoder, device: torch.device) -> torch.Tensor:
+    """(B, 3, S, S) float32 on `device`: the loader's uint8 pixels normalised there, after decoding the
+    batch's `jpegs` on the device (nvJPEG on CUDA). A JPEG the device cannot decode goes to PIL; one
+    PIL cannot decode either is flagged unreadable in `batch.flags` and stays blank."""
+    pixels = batch.pixels.to(device, non_blocking=True)
+    if batch.jpegs:
+        decoded = decode_jpegs([data for _, data, _ in batch.jpegs], device)
+        for (j, data, where), image in zip(batch.jpegs, decoded):
+            if image is None:
+                pil, flag = decode_or_flag(data, where, vision.spec.image_size)
+                batch.flags[j] |= flag
+                if pil is not None:
+                    pixels[j] = vision.preprocessing.to_uint8([pil])[0].to(device)
+            else:
+                pixels[j] = vision.preprocessing.resize_tensor(image)
+    return vision.preprocessing.normalize(pixels)
+
+
+def model_inputs(batch: ItemBatch, text: TextEncoder | None, vision: VisionEncoder | None,
+                 device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(input_ids, attention_mask, pixels) of a loaded batch on `device`, as the lower blocks take them."""
+    ids = batch.input_ids.to(device) if text is not None else None
+    mask = batch.attention_mask.to(device) if text is not None else None
+    pixels = device_pixels(batch, vision, device).to(vision.dtype) if vision is not None else None
+    return ids, mask, pixels
 
 
 def _encode(batch: ItemBatch, text: TextEncoder | None, vision: VisionEncoder | None,
-            device: torch.device, states_dtype: str = "float16") -> dict[str, np.ndarray]:
-    """Lower-block states of one batch as the arrays the cache stores."""
+            device: torch.device, states_dtype: str = "float16") -> dict[str, np.ndarray | torch.Tensor]:
+    """Lower-block states of one batch as the arrays the cache stores (states still on `device`)."""
+    ids, mask, pixels = model_inputs(batch, text, vision, device)  # sets flags of images found unreadable
     flags = batch.flags
     modality = np.zeros((len(batch.rows), 2), dtype=np.uint8)
-    out: dict[str, np.ndarray] = {"flags": flags, "modality": modality}
+    out: dict[str, np.ndarray | torch.Tensor] = {"flags": flags, "modality": modality}
     if text is not None:
-        ids = batch.input_ids.to(device)
-        mask = batch.attention_mask.to(device)
-        states = text.lower(ids, mask)  # (B, L, d)
-        out.update(_states_arrays("text", states, states_dtype))
+        out.update(_states_arrays("text", text.lower(ids, mask), states_dtype))  # (B, L, d)
         out["text/mask"] = batch.attention_mask.to(torch.uint8).numpy()
         modality[:, 0] = (flags & cache_io.FLAG_TEXT_EMPTY) == 0
     if vision is not None:
-        pixels = batch.pixels.to(device=device, dtype=next(vision.parameters()).dtype)
-        states = vision.lower(pixels)  # (B, P, d)
-        out.update(_states_arrays("image", states, states_dtype))
+        out.update(_states_arrays("image", vision.lower(pixels), states_dtype))  # (B, P, d)
         modality[:, 1] = (flags & (cache_io.FLAG_IMAGE_MISSING | cache_io.FLAG_IMAGE_UNREADABLE)) == 0
     padding = batch.rows == 0
     if padding.any():  # row 0 is the padding item: all zeros, no modality, no problem flags
         for values in out.values():
-            values[padding] = 0
+            values[torch.from_numpy(padding).to(values.device) if isinstance(values, torch.Tensor) else padding] = 0
     return out
 
 
-def _row_bytes(writer: cache_io.CacheWriter) -> int:
-    return sum(int(np.prod(mm.shape[1:])) * mm.dtype.itemsize for name, mm in writer.maps.items()
+def _to_host(arrays: dict[str, np.ndarray | torch.Tensor],
+             device: torch.device) -> tuple[dict[str, np.ndarray], Callable[[], None] | None]:
+    """The arrays as numpy, and what the writer thread must wait for before reading them: on CUDA the
+    states are copied into pinned host memory asynchronously, so the next batch's encoding is queued
+    on the GPU without waiting for this copy."""
+    host = {}
+    for name, value in arrays.items():
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            pinned = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            value = pinned.copy_(value, non_blocking=True)
+        host[name] = value.numpy() if isinstance(value, torch.Tensor) else value
+    if device.type != "cuda":
+        return host, None
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied.synchronize
+
+
+def _row_bytes(maps: dict[str, Any]) -> int:
+    return sum(int(np.prod(mm.shape[1:])) * mm.dtype.itemsize for name, mm in maps.items()
                if name not in ("complete", "done"))
 
 

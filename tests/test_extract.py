@@ -36,7 +36,7 @@ from pmmcache.errors import CacheMismatchError, ConfigError, DataError, Pmmcache
 from pmmcache.extract import ExtractConfig, run
 from pmmcache.items import find_cache
 
-from helpers.extraction import rewrite_line
+from helpers.extraction import rewrite_line, write_spy_module
 from helpers.tiny_models import save_tiny_bert, save_tiny_hf_clip_vision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -441,28 +441,16 @@ def test_image_only_dataset_has_no_text_states(tmp_path):
 # ------------------------------------------------------------------------------- 7. several processes
 
 
-SPY_MODULE = """
-import os, runpy, time
-import pmmcache.cache as cache_io
+SPY_MODULE = write_spy_module("""
+original_pending = cache_io.pending_rows
 
-original = cache_io.CacheWriter.write
-
-def logged_write(self, rows, arrays):
-    with open(os.path.join(os.environ["SPY_LOG_DIR"], f"rank{os.environ['RANK']}.txt"), "a") as log:
-        log.write(" ".join(str(int(r)) for r in rows) + "\\n")
-    original(self, rows, arrays)
-
-original_pending = cache_io.CacheWriter.pending_rows
-
-def late_pending_rows(self):
+def late_pending_rows(maps):
     if os.environ["RANK"] == "1":  # the other process may already be writing: the split must not change
         time.sleep(1.0)
-    return original_pending(self)
+    return original_pending(maps)
 
-cache_io.CacheWriter.write = logged_write
-cache_io.CacheWriter.pending_rows = late_pending_rows
-runpy.run_module("pmmcache", run_name="__main__", alter_sys=True)  # exactly `python -m pmmcache`
-"""
+cache_io.pending_rows = late_pending_rows
+""")
 
 
 def free_port() -> int:

@@ -296,3 +296,45 @@ def open_image_path(path: str | Path) -> ImageStore:
     if path.is_dir():
         return FolderImageStore(path)
     raise DataError("image path is neither a folder of images nor an LMDB", path)
+
+
+# ---- decoding on the GPU (nvJPEG) ----------------------------------------------------------------
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def device_decodable(data: bytes) -> bool:
+    """Whether `decode_jpegs` should take these bytes: a JPEG small enough to decode whole (a larger one
+    goes through `decode_image`, which decodes it reduced). Reads the header only."""
+    if not data.startswith(JPEG_MAGIC):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+    except Exception:  # a damaged header: decode_image flags it unreadable
+        return False
+    return width * height <= MAX_IMAGE_PIXELS
+
+
+def decode_jpegs(datas: list[bytes], device: Any) -> list[Any]:
+    """JPEG bytes -> (3, H, W) uint8 RGB tensors on `device` (on CUDA: nvJPEG, in one batched call);
+    None for an image that cannot be decoded there (e.g. a CMYK JPEG), which the caller decodes with PIL."""
+    import numpy as np
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = [torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()) for data in datas]
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image decoders (for TorchCodec); they still work
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:  # one bad image fails the batch: decode them one by one
+            decoded = []
+            for tensor in encoded:
+                try:
+                    decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    decoded.append(None)
+            return decoded

@@ -92,11 +92,37 @@ class ImagePreprocessing:
 
     def __call__(self, images: Sequence[Image.Image]) -> Tensor:
         """A list of PIL images -> (B, 3, S, S) float32."""
-        arrays = [np.asarray(self.resize(image), dtype=np.float32) / 255.0 for image in images]  # (S, S, 3) each
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, S, S)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        return (pixels - mean) / std
+        return self.normalize(self.to_uint8(images))
+
+    def to_uint8(self, images: Sequence[Image.Image]) -> Tensor:
+        """A list of PIL images -> (B, 3, S, S) uint8, resized and cropped: a quarter of the float bytes,
+        so loader processes hand this over and the extraction process normalises it on its device."""
+        arrays = [np.asarray(self.resize(image), dtype=np.uint8) for image in images]  # (S, S, 3) each
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, S, S)
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        """(B, 3, S, S) uint8 -> float32 scaled to [0, 1] and standardised, on the tensor's device."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels.float() / 255.0 - mean) / std
+
+    def resize_tensor(self, image: Tensor) -> Tensor:
+        """(3, H, W) uint8 on any device (an image decoded there) -> (3, S, S) uint8, with the geometry of
+        `resize` (shorter side to S then centre crop, or squash) and torch's antialiased interpolation,
+        which differs from PIL's by about one grey level per pixel."""
+        size = self.size
+        height, width = image.shape[1:]
+        if self.resize_mode == "squash":
+            new_height, new_width = size, size
+        elif width <= height:
+            new_width, new_height = size, int(size * height / width)
+        else:
+            new_width, new_height = int(size * width / height), size
+        resized = torch.nn.functional.interpolate(image[None].float(), size=(new_height, new_width),
+                                                  mode=self.interpolation, antialias=True, align_corners=False)[0]
+        left = int(round((new_width - size) / 2.0))
+        top = int(round((new_height - size) / 2.0))
+        return resized[:, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
 
     def describe(self) -> dict[str, Any]:
         return {
