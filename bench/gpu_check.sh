@@ -24,13 +24,13 @@ START=$(date +%s)
 
 # Sizes: the paper's on the GPU; --tiny shrinks everything so that a CPU runs it in minutes.
 TEXT_SHAPE="768 12 12"; DEMO="4000 4000 3000 3000"
-STEP=(); EVAL=(--catalogue 100000 --users 100000)
+STEP=(--negatives-batches ""); EVAL=(--catalogue 100000 --users 100000)  # negatives before/after: measured on the CPU (docs/benchmarks.md)
 EXTRACT=(--vision-encoder ViT-B-32 --dtype bfloat16 --batch-size 512 --num-workers 8 --rounds 2)
 LIMITS=(200 130 170)  # seconds: step, eval, extract
 if [ -n "$TINY" ]; then
   TEXT_SHAPE="32 2 4"; DEMO="48 48 60 60"
   TINY_SIZE=(--dim 16 --blocks 2 --heads 2 --text-tokens 8 --image-size 64)
-  STEP=("${TINY_SIZE[@]}" --batch-size 4 --positions 5 --steps 1 --rounds 1 --catalogue 50)
+  STEP=("${TINY_SIZE[@]}" --negatives-batches "" --batch-size 4 --positions 5 --steps 1 --rounds 1 --catalogue 50)
   EVAL=("${TINY_SIZE[@]}" --catalogue 300 --users 200 --cache-rows 50)
   EXTRACT=(--vision-encoder pmmcache-tiny-vit --image-size 64 --num-workers 0 --batch-size 32 --rounds 1)
   LIMITS=(150 150 200)
