@@ -245,14 +245,19 @@ def scaled_weights(weights: dict[str, float], scales: dict[str, float]) -> dict[
     return {name: w * scales.get(name, 1.0) for name, w in weights.items()}
 
 
-def balanced_start(step: TrainingStep, inputs: tuple[Any, ...], accelerator: Accelerator) -> dict[str, float]:
+def balanced_start(step: TrainingStep, inputs: tuple[Any, ...], accelerator: Accelerator,
+                   weights: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
     """`balance_scales` on this first batch, the gradient norms averaged over the processes so that
-    every process scales its objectives alike."""
+    every process scales its objectives alike; and those norms at the scaled `weights` (what
+    `objective_gradient_norms` would log for this batch: a gradient is linear in its weight)."""
     with accelerator.autocast():
-        norms = objective_gradient_norms(step, inputs, {name: 1.0 for name in step.weights})
+        norms = objective_gradient_norms(step, inputs, {name: 1.0 for name in weights})
     keys = sorted(norms)
-    averaged = accelerator.reduce(torch.tensor([norms[k] for k in keys], device=accelerator.device), "mean")
-    return balance_scales(dict(zip(keys, averaged.tolist())))
+    averaged = dict(zip(keys, accelerator.reduce(torch.tensor([norms[k] for k in keys], device=accelerator.device),
+                                                 "mean").tolist()))
+    scales = balance_scales(averaged)
+    scaled = scaled_weights(weights, scales)
+    return scales, {key: value * scaled[key.split("_")[1]] for key, value in averaged.items()}
 
 
 def format_gradient_norms(norms: dict[str, float]) -> str:
@@ -430,13 +435,14 @@ def run(config: TrainConfig, show_progress: bool = True,
         for step, (users, batch) in enumerate(zip(bar, prepared)):  # the batch is ready before its step
             inputs = step_inputs(batch, accelerator.device)
             if balance and not state.objective_scales:  # before the first step: level every pull with DAP's
-                state.objective_scales = balanced_start(accelerator.unwrap_model(step_module), inputs, accelerator)
+                state.objective_scales, grad_norms = balanced_start(accelerator.unwrap_model(step_module), inputs,
+                                                                    accelerator, config.weights)
                 weights = scaled_weights(config.weights, state.objective_scales)
                 accelerator.unwrap_model(step_module).weights = weights
                 if accelerator.is_main_process and show_progress:
                     print("objectives balanced on the first batch (objectives.balance = grad_norm): "
                           + ", ".join(f"{k} x{v:.3g}" for k, v in state.objective_scales.items()))
-            if step == 0:  # each objective's pull on the model, once per epoch (metrics.jsonl)
+            elif step == 0:  # each objective's pull on the model, once per epoch (metrics.jsonl)
                 with accelerator.autocast():
                     grad_norms = objective_gradient_norms(accelerator.unwrap_model(step_module), inputs)
             loss_value, losses = train_step(step_module, inputs, weights, accelerator, optimizer, scheduler,
