@@ -57,9 +57,11 @@ class ObjectiveConfig:
     # norm); 0.1 is in CLIP's range (its learned temperature starts at 0.07).
     temperature: float = 0.1
     nid_relu: bool = False  # True: eq. 10 as printed, softmax over ReLU'd logits (cannot rule a class out)
-    # DAP logits are h.e / dap_temperature. None = automatic: sqrt(d) for content items (scaled dot
-    # product: post-LN vectors have norm ~sqrt(d), so raw logits have std ~sqrt(d) and the loss
-    # starts saturated, 87 instead of ln #candidates at d = 768), 1 for ID items (RecBole: their
+    # DAP logits are h.e / dap_temperature. None = automatic: for content items at least sqrt(d) (scaled
+    # dot product: post-LN vectors have norm ~sqrt(d), so raw logits have std ~sqrt(d) and the loss
+    # starts saturated, 87 instead of ln #candidates at d = 768), raised on the first batch until the
+    # first loss is within 0.5 nats of its flat-score value (anisotropic encoder outputs; see
+    # train.calibrated_dap_temperature), or with --init the init run's; 1 for ID items (RecBole: their
     # N(0, 0.02) embeddings start small). 1 = the paper's raw dot product.
     dap_temperature: float | None = None
     # logQ correction of sampled negatives (released code): in-batch candidates are drawn in

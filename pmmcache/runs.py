@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,25 @@ def resolve_init_dir(init: str, runs_dir: Path) -> Path:
         if (candidate / "config.json").is_file() and (candidate / "item_tower.safetensors").is_file():
             return candidate
     raise PmmcacheError(f"--init {init}: no trained model found (looked for {init}/best/ and {runs_dir}/{init}/best/)")
+
+
+def init_dap_temperature(parts_dir: Path, default: float) -> float:
+    """The DAP temperature the model in `parts_dir` (`resolve_init_dir`) was trained with: its best epoch's
+    record (metrics.json, `dap_temperature`), or `default` (sqrt(d), what pmmcache used before it
+    calibrated) for a model saved without one. A fine-tuning run keeps it: recalibrating a trained model
+    would flatten the scores it learned."""
+    path = Path(parts_dir) / "metrics.json"
+    if not path.is_file():
+        return default
+    try:
+        value = json.loads(path.read_text()).get("dap_temperature")
+    except (ValueError, AttributeError) as err:
+        raise PmmcacheError(f"{path}: not a metrics record written by pmmcache ({err})") from err
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise PmmcacheError(f"{path}: dap_temperature = {value!r}; expected a positive number")
+    return float(value)
 
 
 def with_init_model(config: TrainConfig) -> TrainConfig:

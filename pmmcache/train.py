@@ -42,8 +42,8 @@ from pmmcache.items import IdItems, ItemStore, nonfinite_items
 from pmmcache.model import PMMRec
 from pmmcache.objectives import catalogue_dap_loss, dap_loss, masked_mean_pool, nicl_loss, nid_loss, rcl_loss
 from pmmcache.run_config import ObjectiveConfig, TrainConfig
-from pmmcache.runs import (TRANSFER_PARTS, best_dir, prepare_run_dir, read_history, run_directory, setup,
-                           with_init_model)
+from pmmcache.runs import (TRANSFER_PARTS, best_dir, init_dap_temperature, prepare_run_dir, read_history,
+                           resolve_init_dir, run_directory, setup, with_init_model)
 from pmmcache.runtime import use_cpu
 from pmmcache.tracking import RunTrackers, require_installed, tracker_dir
 
@@ -58,6 +58,7 @@ class TrainingStep(nn.Module):
         self.objectives = objectives
         self.weights = weights
         self.register_buffer("log_popularity", log_popularity, persistent=False)
+        self.calibrated_temperature: float | None = None  # content items' DAP temperature, once fixed
         # Inputs of items 1..N, for `negatives = "catalogue"`: their indices (ID model) or cached states.
         if isinstance(catalogue, torch.Tensor):
             self.register_buffer("catalogue", catalogue, persistent=False)
@@ -67,12 +68,63 @@ class TrainingStep(nn.Module):
             raise ConfigError("objectives.negatives = catalogue needs the catalogue's item inputs")
 
     @property
+    def calibrates(self) -> bool:
+        """Whether this run's DAP temperature is fixed on its first batch (`calibrated_dap_temperature`):
+        content items, DAP on, no temperature configured."""
+        return (self.objectives.dap_temperature is None and self.model.config.items != "id"
+                and "dap" in self.weights)
+
+    @property
+    def sqrt_d(self) -> float:
+        return math.sqrt(self.model.config.user_encoder.d_model)
+
+    @property
     def dap_temperature(self) -> float:
-        """The DAP logit divisor: the configured one, or sqrt(d) for content items and 1 for ID items."""
+        """The DAP logit divisor: the configured one; 1 for ID items; for content items the one fixed on
+        the first batch (`calibrated_temperature`), sqrt(d) until then."""
         if self.objectives.dap_temperature is not None:
             return self.objectives.dap_temperature
-        config = self.model.config
-        return 1.0 if config.items == "id" else math.sqrt(config.user_encoder.d_model)
+        if self.model.config.items == "id":
+            return 1.0
+        return self.calibrated_temperature or self.sqrt_d
+
+    def _encode(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates) -> tuple[Any, ...]:
+        """(the U unique items' ItemOutput, (B, N, d) their vectors per position, (B, N - 1, d) user states,
+        (B, N - 1) input padding)."""
+        items = self.model.encode_items(states)  # vectors of the U unique items
+        vectors = items.vector[inverse]  # (B, N, d): N - 1 input items, then the last target
+        padding = item_ids == 0  # (B, N)
+        # The user encoder sees the inputs only, exactly as at evaluation time (its positions count
+        # back from the most recent item, so the target must not be part of its input).
+        inputs, input_padding = vectors[:, :-1], padding[:, :-1]
+        return items, vectors, self.model.encode_users(inputs, input_padding), input_padding
+
+    def _dap_at(self, items: Any, vectors: torch.Tensor, user_states: torch.Tensor, item_ids: torch.Tensor,
+                predict: torch.Tensor | None, negative_ids: torch.Tensor | None,
+                negative_inverse: torch.Tensor | None) -> Callable[[float], torch.Tensor]:
+        """DAP as a function of its temperature (the candidates encoded once)."""
+        if self.objectives.negatives == "catalogue":  # every item a candidate (no logQ)
+            table = self.model.encode_items(self.catalogue).vector  # (N, d)
+            return lambda t: catalogue_dap_loss(user_states, table, item_ids, None, t, predict)
+        extra = items.vector[negative_inverse] if negative_inverse is not None else None  # (M, d)
+        extra_ids = negative_ids if extra is not None else None
+        return lambda t: dap_loss(user_states, vectors, item_ids, self.log_popularity, t, extra, extra_ids, predict)
+
+    @torch.no_grad()
+    def first_batch_temperature(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates,
+                                corrupted_inverse: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                                predict: torch.Tensor | None = None, negative_ids: torch.Tensor | None = None,
+                                negative_inverse: torch.Tensor | None = None) -> float:
+        """`calibrated_dap_temperature` of this batch (`forward`'s arguments), the model in eval mode:
+        dropout off draws no random numbers, so a run that stays at sqrt(d) trains as it did before."""
+        was_training = self.training
+        self.eval()
+        try:
+            items, vectors, user_states, _ = self._encode(item_ids, inverse, states)
+            loss_at = self._dap_at(items, vectors, user_states, item_ids, predict, negative_ids, negative_inverse)
+            return calibrated_dap_temperature(lambda t: float(loss_at(t)), self.sqrt_d)
+        finally:
+            self.train(was_training)
 
     def forward(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates,
                 corrupted_inverse: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -84,22 +136,11 @@ class TrainingStep(nn.Module):
         predict (B, N - 1) the targets that count; negative_ids / negative_inverse (M,) uniform
         negatives ("mixed") and their positions among the unique items."""
         o = self.objectives
-        temperature = self.dap_temperature
-        items = self.model.encode_items(states)  # vectors of the U unique items
-        vectors = items.vector[inverse]  # (B, N, d): N - 1 input items, then the last target
-        padding = item_ids == 0  # (B, N)
-        # The user encoder sees the inputs only, exactly as at evaluation time (its positions count
-        # back from the most recent item, so the target must not be part of its input).
-        inputs, input_padding = vectors[:, :-1], padding[:, :-1]
-        user_states = self.model.encode_users(inputs, input_padding)  # (B, N - 1, d), causal
+        items, vectors, user_states, input_padding = self._encode(item_ids, inverse, states)
         losses: dict[str, torch.Tensor] = {}
-        if "dap" in self.weights and o.negatives == "catalogue":  # every item a candidate (no logQ)
-            table = self.model.encode_items(self.catalogue).vector  # (N, d)
-            losses["dap"] = catalogue_dap_loss(user_states, table, item_ids, None, temperature, predict)
-        elif "dap" in self.weights:
-            extra = items.vector[negative_inverse] if negative_inverse is not None else None  # (M, d)
-            losses["dap"] = dap_loss(user_states, vectors, item_ids, self.log_popularity, temperature,
-                                     extra, negative_ids if extra is not None else None, predict)
+        if "dap" in self.weights:
+            losses["dap"] = self._dap_at(items, vectors, user_states, item_ids, predict, negative_ids,
+                                         negative_inverse)(self.dap_temperature)
         if "nicl" in self.weights:
             if items.text_cls is None or items.image_cls is None:
                 raise ConfigError("NICL needs both modalities; set objectives.nicl = 0 for a single-modality model")
@@ -229,6 +270,41 @@ def objective_gradient_norms(step: TrainingStep, inputs: tuple[Any, ...],
     return norms
 
 
+def calibrated_dap_temperature(loss_at: Callable[[float], float], base: float, excess: float = 0.5,
+                               steps: int = 20) -> float:
+    """The smallest temperature >= `base` (sqrt(d)) at which the first DAP loss `loss_at(t)` is within
+    `excess` nats of its value with every score equal (t = inf: what the candidates and logQ alone give),
+    found by bisection in log t.
+
+    sqrt(d) is the scale for isotropic vectors, where it leaves logits of unit spread (loss about ln
+    #candidates + 0.5). Encoder outputs are anisotropic (items share a large common direction), so at
+    the paper's width d = 768 sqrt(d) alone left the first loss ~3.5 nats above that, saturated from the
+    first step; for logits of spread s, loss(t) - loss(inf) ~ s^2 / 2t^2, so the default 0.5 nats is unit
+    spread again. Never below sqrt(d): a narrow, isotropic model keeps it."""
+    flat = loss_at(math.inf)
+    if not math.isfinite(flat) or loss_at(base) - flat <= excess:
+        return base
+    low, high = base, 2.0 * base
+    while loss_at(high) - flat > excess:
+        low, high = high, 2.0 * high
+        if high > base * 2.0 ** 40:
+            raise PmmcacheError(f"the first DAP loss stays more than {excess} nats above its flat value at every "
+                                f"temperature up to {high:.3g}: the first batch's scores are not finite")
+    for _ in range(steps):
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if loss_at(middle) - flat <= excess else (middle, high)
+    return high
+
+
+def calibrated_start(step: TrainingStep, inputs: tuple[Any, ...], accelerator: Accelerator) -> float:
+    """`TrainingStep.first_batch_temperature` on this first batch, averaged over the processes so that
+    every process divides alike."""
+    with accelerator.autocast():
+        temperature = step.first_batch_temperature(*inputs)
+    return float(accelerator.reduce(torch.tensor([temperature], dtype=torch.float64, device=accelerator.device),
+                                    "mean").item())
+
+
 def balance_scales(norms: dict[str, float]) -> dict[str, float]:
     """Per-objective factors that make each objective's gradient norm (item tower and user encoder
     together, from `objective_gradient_norms` at weight 1) equal DAP's: `objectives.balance = grad_norm`.
@@ -298,6 +374,9 @@ class TrainState:
     # `objectives.balance = grad_norm`: the factor of each objective's weight, fixed on the first batch
     # (empty until then, and for a run without balancing).
     objective_scales: dict[str, float] = field(default_factory=dict)
+    # Content items' DAP temperature (`calibrated_dap_temperature`), fixed on the first batch or taken
+    # from --init; None until then, and for a run whose temperature is configured or 1 (ID items).
+    dap_temperature: float | None = None
 
     FILE = "train_state.json"
 
@@ -314,13 +393,16 @@ class TrainState:
                                 "does not load. Start a new run (another --run-name) instead of resuming it")
         try:
             values = json.loads(path.read_text())
-            optional = {"objective_scales"}  # newer than the first checkpoints
+            optional = {"objective_scales", "dap_temperature"}  # newer than the first checkpoints
             state = from_dict(cls, {f.name: values[f.name] for f in fields(cls)
                                     if f.name in values or f.name not in optional}, where=str(path))  # types checked
             scales = state.objective_scales
             if not isinstance(scales, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
                                                        and math.isfinite(v) and v > 0 for k, v in scales.items()):
                 raise ValueError(f"objective_scales = {scales!r} must map objectives to positive numbers")
+            temperature = state.dap_temperature
+            if temperature is not None and not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+                raise ValueError(f"dap_temperature = {temperature!r} must be a positive number or null")
             return state
         except (ValueError, KeyError, TypeError, ConfigError) as err:
             raise PmmcacheError(f"{path}: not a training state written by pmmcache ({err})") from err
@@ -403,6 +485,13 @@ def run(config: TrainConfig, show_progress: bool = True,
 
     weights = scaled_weights(weights, state.objective_scales)  # a resumed run keeps its first batch's scales
     accelerator.unwrap_model(step_module).weights = weights
+    calibrate = accelerator.unwrap_model(step_module).calibrates
+    if calibrate and state.dap_temperature is None and state.epoch > 0:
+        state.dap_temperature = accelerator.unwrap_model(step_module).sqrt_d  # saved before calibration existed
+    elif calibrate and state.dap_temperature is None and config.init:  # the pre-trained model's own scale
+        state.dap_temperature = init_dap_temperature(resolve_init_dir(config.init, Path(config.runs_dir)),
+                                                     accelerator.unwrap_model(step_module).sqrt_d)
+    accelerator.unwrap_model(step_module).calibrated_temperature = state.dap_temperature
     sequences, predict = training_sequences(dataset, config)
     if accelerator.is_main_process and s.transfer is not None:
         write_json(run_dir / "transfer.json", s.transfer)
@@ -434,6 +523,12 @@ def run(config: TrainConfig, show_progress: bool = True,
             predict=predict, uniform_negatives=uniform), enabled=config.prefetch)
         for step, (users, batch) in enumerate(zip(bar, prepared)):  # the batch is ready before its step
             inputs = step_inputs(batch, accelerator.device)
+            if calibrate and state.dap_temperature is None:  # before the first step and before balancing
+                state.dap_temperature = calibrated_start(accelerator.unwrap_model(step_module), inputs, accelerator)
+                accelerator.unwrap_model(step_module).calibrated_temperature = state.dap_temperature
+                if accelerator.is_main_process and show_progress:
+                    print(f"DAP temperature {state.dap_temperature:.4g} (sqrt(d) = "
+                          f"{accelerator.unwrap_model(step_module).sqrt_d:.4g}), fixed on the first batch")
             if balance and not state.objective_scales:  # before the first step: level every pull with DAP's
                 state.objective_scales, grad_norms = balanced_start(accelerator.unwrap_model(step_module), inputs,
                                                                     accelerator, config.weights)
@@ -470,6 +565,7 @@ def run(config: TrainConfig, show_progress: bool = True,
         record = {"epoch": epoch, **{f"train_{k}": float(v) / max(1, len(batches)) for k, v in sums.items()},
                   **{f"valid_{k}": v for k, v in metrics.items()}, **grad_norms,
                   **{f"scale_{k}": v for k, v in state.objective_scales.items()},
+                  "dap_temperature": accelerator.unwrap_model(step_module).dap_temperature,
                   "lr": scheduler.get_last_lr()[1],  # the heads' learning rate for the next step (lr once warm)
                   "seconds": round(seconds, 2),
                   "items_per_s": round(items_seen / seconds, 1) if seconds > 0 else 0.0}

@@ -62,20 +62,25 @@ def first_dap_loss(wide, runs: Path, width: int, **objectives) -> tuple[float, f
     sequences, predict = train.training_sequences(s.dataset, s.config)
     batch = prepare_batch(sequences, np.arange(16), s.store, torch.device("cpu"), predict=predict)
     step = train.TrainingStep(s.model.eval(), s.config.objectives, s.config.weights, None)
+    if step.calibrates:  # what training does before its first step
+        step.calibrated_temperature = step.first_batch_temperature(batch.ids, batch.inverse, batch.states)
     with torch.no_grad():
         loss = step(batch.ids, batch.inverse, batch.states)["dap"].item()
+        sqrt_d = step._dap_at(*step._encode(batch.ids, batch.inverse, batch.states)[:3], batch.ids, None, None,
+                              None)(math.sqrt(width)).item()
     candidates = in_batch_negative_mask(batch.ids).sum(1).float() + 1  # negatives + the positive
-    return loss, math.log(candidates.mean().item())
+    return loss, math.log(candidates.mean().item()), sqrt_d, step.dap_temperature
 
 
 @pytest.mark.parametrize("width", [64, 768])
 def test_first_dap_loss_is_near_log_candidates_at_any_width(wide, tmp_path, width):
     """Paper defaults (post-LN fusion, mm_cls item vector, post-LN user states)."""
-    loss, chance = first_dap_loss(wide, tmp_path, width)
-    # Encoder outputs are anisotropic (items share a large common direction), so sqrt(d) leaves the
-    # logits somewhat wide at d = 768 (~3.5 nats above chance here); raw dot products are far worse.
-    assert abs(loss - chance) < (1.0 if width == 64 else 4.0), (loss, chance)
-    raw, _ = first_dap_loss(wide, tmp_path / "raw", width, dap_temperature=1.0)
+    loss, chance, sqrt_d, temperature = first_dap_loss(wide, tmp_path, width)
+    assert abs(loss - chance) < 1.0, (loss, chance, temperature)
+    assert temperature >= math.sqrt(width)
+    if width == 768:  # encoder outputs are anisotropic (a large shared direction): sqrt(d) alone is too sharp
+        assert sqrt_d > chance + 2.0 and temperature > 1.5 * math.sqrt(width), (sqrt_d, chance, temperature)
+    raw, *_ = first_dap_loss(wide, tmp_path / "raw", width, dap_temperature=1.0)
     assert raw > loss + (0.5 if width == 64 else 10.0), (raw, loss, chance)
 
 

@@ -23,6 +23,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from pmmcache import checkpoints as ckpt
 from pmmcache import train
 from pmmcache.cli import main, set_dotted
 from pmmcache.config import from_dict, to_dict
@@ -163,6 +164,65 @@ def test_a_run_saved_before_balancing_existed_counts_as_unbalanced(pretrained, t
     resumed = train.run(train_config(toy, tmp_path / "runs", "pretrain", resume=True,
                                      objectives={"balance": "none"}), show_progress=False)
     assert resumed.best_epoch == reference.best_epoch  # all epochs were done: nothing retrained
+
+
+def gaussian_scores_loss(spread: float, rows: int = 64, candidates: int = 200):
+    """Cross-entropy of the first candidate as a function of the temperature, for Gaussian scores."""
+    scores = torch.randn(rows, candidates, generator=torch.Generator().manual_seed(0)) * spread
+    return lambda t: float((torch.logsumexp(scores / t, 1) - scores[:, 0] / t).mean())
+
+
+def test_calibrated_dap_temperature_is_the_smallest_within_half_a_nat_of_flat_scores():
+    narrow = gaussian_scores_loss(0.5)
+    assert train.calibrated_dap_temperature(narrow, 1.0) == 1.0  # already near flat: sqrt(d) stays
+    wide = gaussian_scores_loss(20.0)
+    flat = wide(math.inf)
+    assert flat == pytest.approx(math.log(200))
+    found = train.calibrated_dap_temperature(wide, 1.0)
+    assert wide(found) - flat <= 0.5 < wide(found / 1.01) - flat
+    assert 10 < found < 40  # spread s: loss(t) - flat ~ s^2 / 2t^2
+    assert train.calibrated_dap_temperature(wide, 100.0) == 100.0  # never below the base
+
+
+def test_the_dap_temperature_is_fixed_once_saved_and_kept_by_resume_and_fine_tuning(toy, pretrained, tmp_path):
+    _, reference = pretrained
+    history = read_history(reference.run_dir)
+    fixed = history[0]["dap_temperature"]
+    assert fixed >= math.sqrt(32) and all(r["dap_temperature"] == fixed for r in history)
+    last = reference.run_dir / "checkpoints" / "epoch-0003"
+    assert json.loads((last / "train_state.json").read_text())["dap_temperature"] == fixed
+
+    # Resume keeps the saved temperature (never recalibrates a trained model); a checkpoint saved
+    # before calibration existed was trained at sqrt(d).
+    for name, saved, expected in (("kept", 4.25, 4.25), ("predates", None, math.sqrt(32))):
+        run_dir = tmp_path / name / "pretrain"
+        shutil.copytree(reference.run_dir, run_dir)
+        checkpoint = run_dir / "checkpoints" / "epoch-0003"
+        state = json.loads((checkpoint / "train_state.json").read_text())
+        state = {**state, "dap_temperature": saved} if saved is not None else {
+            k: v for k, v in state.items() if k != "dap_temperature"}
+        (checkpoint / "train_state.json").write_text(json.dumps(state))
+        ckpt.seal(checkpoint, 3)
+        saved_config = json.loads((run_dir / "config.json").read_text())
+        (run_dir / "config.json").write_text(json.dumps({**saved_config, "runs_dir": str(tmp_path / name)}))
+        resumed = train.run(train_config(toy, tmp_path / name, "pretrain", epochs=4, resume=True), show_progress=False)
+        assert resumed.history[-1]["epoch"] == 4 and resumed.history[-1]["dap_temperature"] == expected, name
+
+    # Fine-tuning scores with the temperature its init model was trained at (its best epoch's record).
+    init = tmp_path / "init"
+    shutil.copytree(reference.run_dir / "best", init)
+    record = json.loads((init / "metrics.json").read_text())
+    (init / "metrics.json").write_text(json.dumps({**record, "dap_temperature": 3.5}))
+    tuned = train.run(train_config(toy, tmp_path / "runs", "tuned", stage="finetune", epochs=1, init=str(init),
+                                   model={}), show_progress=False)
+    assert tuned.history[0]["dap_temperature"] == 3.5
+    (init / "metrics.json").unlink()  # a model saved without a record was trained at sqrt(d)
+    older = train.run(train_config(toy, tmp_path / "runs", "older", stage="finetune", epochs=1, init=str(init),
+                                   model={}), show_progress=False)
+    assert older.history[0]["dap_temperature"] == math.sqrt(32)
+    configured = train.run(train_config(toy, tmp_path / "runs", "configured", stage="finetune", epochs=1,
+                                        objectives={"dap_temperature": 2.0}), show_progress=False)
+    assert configured.history[0]["dap_temperature"] == 2.0
 
 
 # ------------------------------------------------------------------------------- 2. resume
@@ -335,20 +395,20 @@ def test_finetune_starts_from_the_pretrained_item_tower_and_user_encoder(toy, pr
 
 def test_a_nan_loss_stops_the_run_naming_the_last_good_checkpoint(toy, tmp_path, monkeypatch):
     original_dap = train.dap_loss
-    calls = 0
+    diverged = False
 
     def dap_turning_nan(*args, **kwargs):
-        nonlocal calls
-        calls += 1
         loss = original_dap(*args, **kwargs)
-        # Epoch 1 is one gradient-norm forward (the balancing one) + STEPS steps; from epoch 2 on every
-        # loss is NaN.
-        return loss * float("nan") if calls > STEPS + 1 else loss
+        return loss * float("nan") if diverged else loss
+
+    def diverge_after_epoch_one(epoch, step):  # called after every optimizer step
+        nonlocal diverged
+        diverged = diverged or (epoch == 0 and step == STEPS - 1)
 
     monkeypatch.setattr(train, "dap_loss", dap_turning_nan)
     config = train_config(toy, tmp_path / "runs", "nan")
     with pytest.raises(PmmcacheError) as err:
-        train.run(config, show_progress=False)
+        train.run(config, show_progress=False, on_step=diverge_after_epoch_one)
     checkpoint = tmp_path / "runs" / "nan" / "checkpoints" / "epoch-0001"
     message = str(err.value)
     assert "loss became nan at epoch 2, step 1" in message and "dap=nan" in message
