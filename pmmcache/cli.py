@@ -736,7 +736,8 @@ _RECIPE_SET = click.option("--set", "settings", multiple=True,
 def pipeline_run(recipe_file: str, runs_dir: str, only: tuple[str, ...], settings: tuple[str, ...], dry_run: bool,
                  force: bool, verbose: bool) -> None:
     """Run a recipe's grid: finished runs are skipped, unfinished ones resumed (kill and rerun at will),
-    then results.md, results.csv and convergence.png are written under <runs-dir>/<recipe name>/."""
+    finished ones whose recipe only raised epochs or patience train on from their last checkpoint; then
+    results.md, results.csv and convergence.png are written under <runs-dir>/<recipe name>/."""
     from pmmcache.pipeline import run_pipeline
 
     _quiet_libraries()

@@ -24,7 +24,7 @@ from pmmcache.pipeline import build_table, load_recipe, parse_recipe, plan, run_
 from pmmcache.pipeline.report import RunRecord, format_csv, format_markdown
 from pmmcache.pipeline.runner import config_differences
 
-from helpers.toy import NAME, train_settings
+from helpers.toy import NAME, learned, read_history, train_settings
 
 # ------------------------------------------------------------------------------- the table, by hand
 
@@ -277,6 +277,24 @@ def test_force_retrains_a_changed_run_and_the_report_leaves_out_stale_ones(tiny)
     report = pipeline_cli("report", str(path), "--runs-dir", str(runs)).output
     assert "note: left out, made with other settings (lr): From scratch / toy / seed 42" in report
     assert "| toy | HR@10 | – |" in report
+
+
+def test_a_finished_run_trains_on_when_only_its_budget_is_raised(tiny):
+    """After the --force test: the scratch run is finished at lr 0.5 and 2 epochs."""
+    path, runs, _ = tiny
+    scratch = cell_dir(runs, "from-scratch")
+    before = read_history(scratch)
+    raised = ("--only", "From scratch", "--set", "defaults.lr=0.5", "--set", "defaults.epochs=3")
+    dry = pipeline_cli("run", str(path), "--runs-dir", str(runs), *raised, "--dry-run").output
+    assert "resume   From scratch / toy / seed 42" in dry and "epochs raised" in dry
+    result = pipeline_cli("run", str(path), "--runs-dir", str(runs), *raised)
+    assert "1 resumed" in result.output
+    after = read_history(scratch)
+    assert [r["epoch"] for r in after] == [1, 2, 3] and [learned(r) for r in after[:2]] == [learned(r) for r in before]
+    assert json.loads((scratch / "config.json").read_text())["epochs"] == 3
+    lowered = ("--only", "From scratch", "--set", "defaults.lr=0.5", "--set", "defaults.epochs=2", "--dry-run")
+    assert "changed  From scratch / toy / seed 42" in pipeline_cli("run", str(path), "--runs-dir", str(runs),
+                                                                   *lowered).output
 
 
 def test_a_damaged_run_config_is_named_not_a_traceback(tiny, tmp_path):

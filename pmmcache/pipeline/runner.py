@@ -148,6 +148,9 @@ def run_state(run: PlannedRun) -> RunState:
         if recorded is not None and recorded != init_fingerprint(run.init_dir):
             differences.append(f"init (the pre-training run {run.init_dir} was retrained or is unfinished)")
     extendable = all(d.split(".")[0] in RESUMABLE_CHANGES for d in differences)
+    wanted = to_dict(run.config)
+    if differences and finished and extendable and _only_budget_raised(saved, wanted):
+        return RunState("resume", f"(finished; {', '.join(differences)} raised: trained on)")
     if differences and (finished or not extendable):
         return RunState("changed", ", ".join(differences))
     if not finished:
@@ -159,6 +162,14 @@ def run_state(run: PlannedRun) -> RunState:
         if cold.get("threshold") != run.cold_start:
             return RunState("evaluate", f"cold-start threshold {cold.get('threshold')} -> {run.cold_start}")
     return RunState("finished")
+
+
+def _only_budget_raised(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Epochs and patience not lowered: resuming the finished run then trains exactly what a run made with
+    the new budget would have (resume equals the uninterrupted run; an early stop stays one unless the
+    patience grew). A lowered budget would keep epochs that the recipe no longer asks for."""
+    defaults = to_dict(TrainConfig())
+    return all(wanted[key] >= saved.get(key, defaults[key]) for key in ("epochs", "patience"))
 
 
 def _as_train_saves_it(config: TrainConfig) -> TrainConfig:
