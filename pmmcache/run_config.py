@@ -154,8 +154,11 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 on CUDA, else no
     max_len: int = 20  # sequence positions fed to the user encoder (history length)
     # "last": each user's last max_len + 1 training items (released code); "all": every training
-    # sequence cut into windows of max_len + 1, so every training item is a target once (RecBole-like).
-    train_windows: Literal["last", "all"] = "last"
+    # sequence cut into windows of max_len + 1, so every training item is a target once (RecBole-like);
+    # "prefixes": one window per training target, ending at it (RecBole's samples): each target is
+    # predicted from the last state, as at evaluation, whose positions count back from the newest
+    # item (a window's earlier targets see theirs shifted), at ~max_len times the windows of "all".
+    train_windows: Literal["last", "all", "prefixes"] = "last"
     # With train_windows = all: windows start every `train_window_stride` items (0 = max_len: no
     # overlap). Each target still counts once, in the window where it has the longest history, so a
     # smaller stride gives targets more history (1: all max_len items, as RecBole's prefixes) at the

@@ -354,6 +354,10 @@ def log_sampling_probability(counts: np.ndarray) -> torch.Tensor:
 def training_sequences(dataset: Any, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The sequences an epoch samples from, (W, max_len + 1) long, and which of their targets count
     ((W, max_len) bool, or None for all): windows of every training sequence or each user's last items."""
+    if config.train_windows == "prefixes":  # every training target once, predicted from the last state
+        windows, _ = dataset.train_prefixes(config.max_len + 1)
+        last = torch.arange(config.max_len).eq(config.max_len - 1)  # (max_len,): the last target slot only
+        return torch.from_numpy(windows).long(), last.expand(len(windows), -1)
     if config.train_windows == "all":  # every training target once
         windows, _, first = dataset.train_windows(config.max_len + 1, config.train_window_stride or None)
         predict = None

@@ -159,6 +159,21 @@ def test_overlapping_train_windows_predict_every_target_once_with_longer_history
         dataset.train_windows(4, stride=4)
 
 
+def test_train_prefixes_give_every_target_its_own_window_ending_at_it():
+    items = [f"i{n}" for n in range(1, 12)]
+    raw = raw_from({"a": items, "b": items[:4]}, items=items)  # train parts: 1..9 and 1..2
+    dataset = prepare(raw, PrepareConfig(min_core=0))
+    windows, owners = dataset.train_prefixes(4)
+    # RecBole's samples: every training item after a user's first, with the last 3 items before it.
+    assert windows.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 6],
+                                [4, 5, 6, 7], [5, 6, 7, 8], [6, 7, 8, 9], [0, 0, 1, 2]]
+    assert owners.tolist() == [0] * 8 + [1] and windows.dtype == np.int32
+    stride_one, _, first = dataset.train_windows(4, stride=1)  # the same targets, some owned by earlier slots
+    assert sorted(t for t, _ in owned_targets(stride_one, first)) == sorted(windows[:, -1].tolist())
+    with pytest.raises(ConfigError, match="length"):
+        dataset.train_prefixes(1)
+
+
 def test_split_arrays_are_left_padded_leave_one_out():
     items = [f"i{n}" for n in range(1, 9)]
     raw = raw_from({"a": items[:5], "b": items[5:]}, items=items)

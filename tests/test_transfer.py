@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -281,6 +282,12 @@ def test_training_windows_make_every_training_item_a_target(toy, tmp_path):
                                  "user_encoder": {"d_model": 32, "max_len": 4}})
     sequences, _ = train.training_sequences(train.setup(config, torch.device("cpu")).dataset, config)
     assert len(sequences) == 39 * 2  # 6 training items per user: windows of 4 items, overlapping by one
+    prefixes = dataclasses.replace(config, train_windows="prefixes")
+    sequences, predict = train.training_sequences(train.setup(prefixes, torch.device("cpu")).dataset, prefixes)
+    assert len(sequences) == 39 * 5  # one window per training item after the first
+    assert predict.shape == (39 * 5, 3) and predict[:, -1].all() and not predict[:, :-1].any()
+    result = train.run(dataclasses.replace(prefixes, run_name="prefixes"), show_progress=False)
+    assert math.isfinite(result.history[0]["train_dap"])
 
 
 @pytest.mark.parametrize("args, check", [

@@ -224,6 +224,19 @@ class PreparedDataset:
         first = np.where(oldest, 0, length - 1 - stride).astype(np.int64)
         return _left_padded(values, window_starts, window_ends, length), owners, first
 
+    def train_prefixes(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """One left-padded window of `length` items per training target, ending at it (RecBole's
+        prefix samples): its last `length - 1` items of history, then the target. Returns windows
+        (W, length) int32, W = the training items that have an item before them, and the row of the
+        user each belongs to (W,)."""
+        if length < 2:
+            raise ConfigError(f"window length must be >= 2, got {length}")
+        values, starts, ends = self._sequences()
+        ends = ends - 2
+        targets = _ranges(starts + 1, ends)  # (W,) position in `values` of every target with a history
+        owners = np.repeat(np.arange(len(starts)), np.maximum(ends - starts - 1, 0))
+        return _left_padded(values, np.maximum(starts[owners], targets + 1 - length), targets + 1, length), owners
+
     def train_item_counts(self) -> np.ndarray:
         """(N + 1,) int64: how often each index occurs in the training sequences (popularity)."""
         values, starts, ends = self._sequences()
