@@ -110,18 +110,23 @@ class TrainingStep(nn.Module):
         extra_ids = negative_ids if extra is not None else None
         return lambda t: dap_loss(user_states, vectors, item_ids, self.log_popularity, t, extra, extra_ids, predict)
 
+    def dap_at(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates,
+               corrupted_inverse: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+               predict: torch.Tensor | None = None, negative_ids: torch.Tensor | None = None,
+               negative_inverse: torch.Tensor | None = None) -> Callable[[float], torch.Tensor]:
+        """This batch's DAP loss (`forward`'s arguments) as a function of the temperature, the model
+        run once in its current mode."""
+        items, vectors, user_states, _ = self._encode(item_ids, inverse, states)
+        return self._dap_at(items, vectors, user_states, item_ids, predict, negative_ids, negative_inverse)
+
     @torch.no_grad()
-    def first_batch_temperature(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates,
-                                corrupted_inverse: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                                predict: torch.Tensor | None = None, negative_ids: torch.Tensor | None = None,
-                                negative_inverse: torch.Tensor | None = None) -> float:
+    def first_batch_temperature(self, *inputs: Any) -> float:
         """`calibrated_dap_temperature` of this batch (`forward`'s arguments), the model in eval mode:
         dropout off draws no random numbers, so a run that stays at sqrt(d) trains as it did before."""
         was_training = self.training
         self.eval()
         try:
-            items, vectors, user_states, _ = self._encode(item_ids, inverse, states)
-            loss_at = self._dap_at(items, vectors, user_states, item_ids, predict, negative_ids, negative_inverse)
+            loss_at = self.dap_at(*inputs)
             return calibrated_dap_temperature(lambda t: float(loss_at(t)), self.sqrt_d)
         finally:
             self.train(was_training)

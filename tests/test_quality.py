@@ -66,8 +66,7 @@ def first_dap_loss(wide, runs: Path, width: int, **objectives) -> tuple[float, f
         step.calibrated_temperature = step.first_batch_temperature(batch.ids, batch.inverse, batch.states)
     with torch.no_grad():
         loss = step(batch.ids, batch.inverse, batch.states)["dap"].item()
-        sqrt_d = step._dap_at(*step._encode(batch.ids, batch.inverse, batch.states)[:3], batch.ids, None, None,
-                              None)(math.sqrt(width)).item()
+        sqrt_d = step.dap_at(batch.ids, batch.inverse, batch.states)(math.sqrt(width)).item()
     candidates = in_batch_negative_mask(batch.ids).sum(1).float() + 1  # negatives + the positive
     return loss, math.log(candidates.mean().item()), sqrt_d, step.dap_temperature
 
