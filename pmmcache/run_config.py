@@ -158,6 +158,8 @@ class TrainConfig:
     # "prefixes": one window per training target, ending at it (RecBole's samples): each target is
     # predicted from the last state, as at evaluation, whose positions count back from the newest
     # item (a window's earlier targets see theirs shifted), at ~max_len times the windows of "all".
+    # With overlapping windows (prefixes, stride < max_len) a batch can hold several windows of one
+    # user, whose items are then in-batch negatives of each other: use negatives = catalogue there.
     train_windows: Literal["last", "all", "prefixes"] = "last"
     # With train_windows = all: windows start every `train_window_stride` items (0 = max_len: no
     # overlap). Each target still counts once, in the window where it has the longest history, so a

@@ -123,13 +123,14 @@ class TrainingStep(nn.Module):
     def first_batch_temperature(self, *inputs: Any) -> float:
         """`calibrated_dap_temperature` of this batch (`forward`'s arguments), the model in eval mode:
         dropout off draws no random numbers, so a run that stays at sqrt(d) trains as it did before."""
-        was_training = self.training
+        modes = {module: module.training for module in self.modules()}
         self.eval()
         try:
             loss_at = self.dap_at(*inputs)
             return calibrated_dap_temperature(lambda t: float(loss_at(t)), self.sqrt_d)
         finally:
-            self.train(was_training)
+            for module, training in modes.items():
+                module.training = training
 
     def forward(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates,
                 corrupted_inverse: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -279,22 +280,23 @@ def calibrated_dap_temperature(loss_at: Callable[[float], float], base: float, e
                                steps: int = 20) -> float:
     """The smallest temperature >= `base` (sqrt(d)) at which the first DAP loss `loss_at(t)` is within
     `excess` nats of its value with every score equal (t = inf: what the candidates and logQ alone give),
-    found by bisection in log t.
+    found by bisection in log t; NaN if the scores are not finite (no temperature helps).
 
     sqrt(d) is the scale for isotropic vectors, where it leaves logits of unit spread (loss about ln
     #candidates + 0.5). Encoder outputs are anisotropic (items share a large common direction), so at
-    the paper's width d = 768 sqrt(d) alone left the first loss ~3.5 nats above that, saturated from the
-    first step; for logits of spread s, loss(t) - loss(inf) ~ s^2 / 2t^2, so the default 0.5 nats is unit
-    spread again. Never below sqrt(d): a narrow, isotropic model keeps it."""
-    flat = loss_at(math.inf)
-    if not math.isfinite(flat) or loss_at(base) - flat <= excess:
+    the paper's width d = 768 sqrt(d) alone left the first loss 2.4 nats above ln #candidates on the test
+    fixture, saturated from the first step; for logits of spread s, loss(t) - loss(inf) ~ s^2 / 2t^2, so
+    the default 0.5 nats is unit spread again. Never below sqrt(d): a narrow, isotropic model keeps it."""
+    flat, at_base = loss_at(math.inf), loss_at(base)
+    if not (math.isfinite(flat) and math.isfinite(at_base)):
+        return math.nan
+    if at_base - flat <= excess:
         return base
     low, high = base, 2.0 * base
     while loss_at(high) - flat > excess:
         low, high = high, 2.0 * high
         if high > base * 2.0 ** 40:
-            raise PmmcacheError(f"the first DAP loss stays more than {excess} nats above its flat value at every "
-                                f"temperature up to {high:.3g}: the first batch's scores are not finite")
+            return math.nan
     for _ in range(steps):
         middle = math.sqrt(low * high)
         low, high = (low, middle) if loss_at(middle) - flat <= excess else (middle, high)
@@ -302,12 +304,30 @@ def calibrated_dap_temperature(loss_at: Callable[[float], float], base: float, e
 
 
 def calibrated_start(step: TrainingStep, inputs: tuple[Any, ...], accelerator: Accelerator) -> float:
-    """`TrainingStep.first_batch_temperature` on this first batch, averaged over the processes so that
-    every process divides alike."""
+    """`TrainingStep.first_batch_temperature` on this first batch; under DDP the largest over the
+    processes (it satisfies every process's batch), and every process raises alike if one has no
+    finite scores."""
     with accelerator.autocast():
         temperature = step.first_batch_temperature(*inputs)
-    return float(accelerator.reduce(torch.tensor([temperature], dtype=torch.float64, device=accelerator.device),
-                                    "mean").item())
+    every = accelerator.gather(torch.tensor([temperature], dtype=torch.float64, device=accelerator.device))
+    if not torch.isfinite(every).all():
+        raise PmmcacheError("the first batch's DAP scores are not finite, so no DAP temperature can be fixed: "
+                            "check the cache (`pmmcache verify-cache`) or set objectives.dap_temperature")
+    return float(every.max().item())
+
+
+def starting_dap_temperature(state: "TrainState", step: TrainingStep, config: TrainConfig) -> float | None:
+    """The DAP temperature a run starts with: the one its checkpoint saved; sqrt(d) for a checkpoint saved
+    before calibration existed; with --init and the item tower transferred, the init model's (recalibrating
+    a trained model would flatten the scores it learned); None = calibrate on the first batch (also for a
+    run that does not calibrate: configured temperature or ID items)."""
+    if not step.calibrates or state.dap_temperature is not None:
+        return state.dap_temperature
+    if state.epoch > 0:
+        return step.sqrt_d
+    if config.init and "item_tower" in TRANSFER_PARTS[config.transfer]:
+        return init_dap_temperature(resolve_init_dir(config.init, Path(config.runs_dir)), step.sqrt_d)
+    return None
 
 
 def balance_scales(norms: dict[str, float]) -> dict[str, float]:
@@ -493,14 +513,11 @@ def run(config: TrainConfig, show_progress: bool = True,
                 print(f"resumed from {latest} (epoch {state.epoch} done)")
 
     weights = scaled_weights(weights, state.objective_scales)  # a resumed run keeps its first batch's scales
-    accelerator.unwrap_model(step_module).weights = weights
-    calibrate = accelerator.unwrap_model(step_module).calibrates
-    if calibrate and state.dap_temperature is None and state.epoch > 0:
-        state.dap_temperature = accelerator.unwrap_model(step_module).sqrt_d  # saved before calibration existed
-    elif calibrate and state.dap_temperature is None and config.init:  # the pre-trained model's own scale
-        state.dap_temperature = init_dap_temperature(resolve_init_dir(config.init, Path(config.runs_dir)),
-                                                     accelerator.unwrap_model(step_module).sqrt_d)
-    accelerator.unwrap_model(step_module).calibrated_temperature = state.dap_temperature
+    training_step = accelerator.unwrap_model(step_module)
+    training_step.weights = weights
+    calibrate = training_step.calibrates
+    state.dap_temperature = training_step.calibrated_temperature = starting_dap_temperature(state, training_step,
+                                                                                            config)
     sequences, predict = training_sequences(dataset, config)
     if accelerator.is_main_process and s.transfer is not None:
         write_json(run_dir / "transfer.json", s.transfer)
@@ -508,7 +525,7 @@ def run(config: TrainConfig, show_progress: bool = True,
     needs_corruption = "nid" in weights or "rcl" in weights
     balance = config.objectives.balance == "grad_norm" and len(weights) > 1 and "dap" in weights
     eval_precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"  # validation as it trains
-    unwrapped = accelerator.unwrap_model(step_module).model
+    unwrapped = training_step.model
     # No-op unless config.log_with; each log call is flushed, so a run that stops keeps what it logged.
     trackers = RunTrackers(accelerator, config, run_dir)
     epoch = state.epoch
@@ -533,22 +550,22 @@ def run(config: TrainConfig, show_progress: bool = True,
         for step, (users, batch) in enumerate(zip(bar, prepared)):  # the batch is ready before its step
             inputs = step_inputs(batch, accelerator.device)
             if calibrate and state.dap_temperature is None:  # before the first step and before balancing
-                state.dap_temperature = calibrated_start(accelerator.unwrap_model(step_module), inputs, accelerator)
-                accelerator.unwrap_model(step_module).calibrated_temperature = state.dap_temperature
+                state.dap_temperature = training_step.calibrated_temperature = calibrated_start(
+                    training_step, inputs, accelerator)
                 if accelerator.is_main_process and show_progress:
-                    print(f"DAP temperature {state.dap_temperature:.4g} (sqrt(d) = "
-                          f"{accelerator.unwrap_model(step_module).sqrt_d:.4g}), fixed on the first batch")
+                    print(f"DAP temperature {state.dap_temperature:.4g} (sqrt(d) = {training_step.sqrt_d:.4g}), "
+                          "fixed on the first batch")
             if balance and not state.objective_scales:  # before the first step: level every pull with DAP's
-                state.objective_scales, grad_norms = balanced_start(accelerator.unwrap_model(step_module), inputs,
+                state.objective_scales, grad_norms = balanced_start(training_step, inputs,
                                                                     accelerator, config.weights)
                 weights = scaled_weights(config.weights, state.objective_scales)
-                accelerator.unwrap_model(step_module).weights = weights
+                training_step.weights = weights
                 if accelerator.is_main_process and show_progress:
                     print("objectives balanced on the first batch (objectives.balance = grad_norm): "
                           + ", ".join(f"{k} x{v:.3g}" for k, v in state.objective_scales.items()))
             elif step == 0:  # each objective's pull on the model, once per epoch (metrics.jsonl)
                 with accelerator.autocast():
-                    grad_norms = objective_gradient_norms(accelerator.unwrap_model(step_module), inputs)
+                    grad_norms = objective_gradient_norms(training_step, inputs)
             loss_value, losses = train_step(step_module, inputs, weights, accelerator, optimizer, scheduler,
                                             config.grad_clip)
             if not math.isfinite(loss_value):  # no step was taken
@@ -574,7 +591,7 @@ def run(config: TrainConfig, show_progress: bool = True,
         record = {"epoch": epoch, **{f"train_{k}": float(v) / max(1, len(batches)) for k, v in sums.items()},
                   **{f"valid_{k}": v for k, v in metrics.items()}, **grad_norms,
                   **{f"scale_{k}": v for k, v in state.objective_scales.items()},
-                  "dap_temperature": accelerator.unwrap_model(step_module).dap_temperature,
+                  "dap_temperature": training_step.dap_temperature,
                   "lr": scheduler.get_last_lr()[1],  # the heads' learning rate for the next step (lr once warm)
                   "seconds": round(seconds, 2),
                   "items_per_s": round(items_seen / seconds, 1) if seconds > 0 else 0.0}

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from pmmcache import checkpoints as ckpt
 from pmmcache import train
 from pmmcache.cli import main
 from pmmcache.errors import ConfigError
@@ -152,10 +153,8 @@ def test_config_differences_name_nested_fields_and_treat_absent_fields_as_defaul
 # ------------------------------------------------------------------------------- a tiny recipe end to end
 
 
-@pytest.fixture(scope="module")
-def tiny(toy, tmp_path_factory):
+def make_tiny(toy, root: Path):
     """The toy cache, a tiny recipe file (one pre-training run, two cells) and the pipeline run once."""
-    root = tmp_path_factory.mktemp("pipeline")
     defaults = train_settings(toy, root, "unused", epochs=2, patience=5)
     for key in ("dataset", "runs_dir", "run_name"):
         defaults.pop(key)
@@ -170,6 +169,11 @@ def tiny(toy, tmp_path_factory):
     runs = root / "runs"
     first = pipeline_cli("run", str(path), "--runs-dir", str(runs))
     return path, runs, first
+
+
+@pytest.fixture(scope="module")
+def tiny(toy, tmp_path_factory):
+    return make_tiny(toy, tmp_path_factory.mktemp("pipeline"))
 
 
 def pipeline_cli(*args: str, code: int = 0):
@@ -279,22 +283,37 @@ def test_force_retrains_a_changed_run_and_the_report_leaves_out_stale_ones(tiny)
     assert "| toy | HR@10 | – |" in report
 
 
-def test_a_finished_run_trains_on_when_only_its_budget_is_raised(tiny):
-    """After the --force test: the scratch run is finished at lr 0.5 and 2 epochs."""
-    path, runs, _ = tiny
+def test_a_finished_run_trains_on_when_only_its_budget_is_raised(toy, tmp_path):
+    path, runs, _ = make_tiny(toy, tmp_path)  # its own grid: this test changes what the runs hold
     scratch = cell_dir(runs, "from-scratch")
     before = read_history(scratch)
-    raised = ("--only", "From scratch", "--set", "defaults.lr=0.5", "--set", "defaults.epochs=3")
-    dry = pipeline_cli("run", str(path), "--runs-dir", str(runs), *raised, "--dry-run").output
-    assert "resume   From scratch / toy / seed 42" in dry and "epochs raised" in dry
-    result = pipeline_cli("run", str(path), "--runs-dir", str(runs), *raised)
-    assert "1 resumed" in result.output
+
+    def run(*args: str, code: int = 0):
+        return pipeline_cli("run", str(path), "--runs-dir", str(runs), *args, code=code).output
+
+    dry = run("--only", "From scratch", "--set", "defaults.epochs=3", "--dry-run")
+    assert "resume   From scratch / toy / seed 42" in dry and "epochs raised: trains on" in dry
+    assert "1 resumed" in run("--only", "From scratch", "--set", "defaults.epochs=3")
     after = read_history(scratch)
     assert [r["epoch"] for r in after] == [1, 2, 3] and [learned(r) for r in after[:2]] == [learned(r) for r in before]
     assert json.loads((scratch / "config.json").read_text())["epochs"] == 3
-    lowered = ("--only", "From scratch", "--set", "defaults.lr=0.5", "--set", "defaults.epochs=2", "--dry-run")
-    assert "changed  From scratch / toy / seed 42" in pipeline_cli("run", str(path), "--runs-dir", str(runs),
-                                                                   *lowered).output
+    assert "changed  From scratch / toy / seed 42" in run("--only", "From scratch", "--dry-run")  # 2 < 3 epochs done
+
+    # A run that stopped early stays stopped when only epochs grow, as a run made with them would have.
+    checkpoint = scratch / "checkpoints" / "epoch-0003"
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    (checkpoint / "train_state.json").write_text(json.dumps({**state, "bad_epochs": 5}))  # patience 5 used up
+    ckpt.seal(checkpoint, 3)
+    dry = run("--only", "From scratch", "--set", "defaults.epochs=4", "--dry-run")
+    assert "finished From scratch / toy / seed 42" in dry and "stopped early" in dry
+
+    # A pre-training run that trains on makes its finished cells stale before anything is trained.
+    files = trained_files(runs)
+    dry = run("--set", "defaults.epochs=3", "--set", "pretrain.src.epochs=2", "--dry-run")
+    assert "resume   pretrain src (toy), seed 42" in dry and "changed  Pre-trained / toy / seed 42" in dry
+    assert "trains on" in dry.split("changed  Pre-trained")[1].splitlines()[0]
+    run("--set", "defaults.epochs=3", "--set", "pretrain.src.epochs=2", code=2)
+    assert trained_files(runs) == files  # refused up front: nothing was trained
 
 
 def test_a_damaged_run_config_is_named_not_a_traceback(tiny, tmp_path):

@@ -182,15 +182,19 @@ def test_calibrated_dap_temperature_is_the_smallest_within_half_a_nat_of_flat_sc
     assert wide(found) - flat <= 0.5 < wide(found / 1.01) - flat
     assert 10 < found < 40  # spread s: loss(t) - flat ~ s^2 / 2t^2
     assert train.calibrated_dap_temperature(wide, 100.0) == 100.0  # never below the base
+    assert math.isnan(train.calibrated_dap_temperature(lambda t: math.nan, 1.0))  # no finite scores
 
 
-def test_the_dap_temperature_is_fixed_once_saved_and_kept_by_resume_and_fine_tuning(toy, pretrained, tmp_path):
+def test_the_dap_temperature_is_fixed_once_saved_and_kept_by_resume_and_fine_tuning(toy, pretrained, tmp_path,
+                                                                                     monkeypatch):
     _, reference = pretrained
     history = read_history(reference.run_dir)
     fixed = history[0]["dap_temperature"]
     assert fixed >= math.sqrt(32) and all(r["dap_temperature"] == fixed for r in history)
     last = reference.run_dir / "checkpoints" / "epoch-0003"
     assert json.loads((last / "train_state.json").read_text())["dap_temperature"] == fixed
+    # From here a calibration would give 2 sqrt(d): every value below shows where it came from.
+    monkeypatch.setattr(train, "calibrated_dap_temperature", lambda loss_at, base, **kwargs: 2.0 * base)
 
     # Resume keeps the saved temperature (never recalibrates a trained model); a checkpoint saved
     # before calibration existed was trained at sqrt(d).
@@ -220,6 +224,9 @@ def test_the_dap_temperature_is_fixed_once_saved_and_kept_by_resume_and_fine_tun
     older = train.run(train_config(toy, tmp_path / "runs", "older", stage="finetune", epochs=1, init=str(init),
                                    model={}), show_progress=False)
     assert older.history[0]["dap_temperature"] == math.sqrt(32)
+    fresh_items = train.run(train_config(toy, tmp_path / "runs", "user", stage="finetune", epochs=1, init=str(init),
+                                         transfer="user", model={}), show_progress=False)
+    assert fresh_items.history[0]["dap_temperature"] == 2.0 * math.sqrt(32)  # a fresh item tower: calibrated
     configured = train.run(train_config(toy, tmp_path / "runs", "configured", stage="finetune", epochs=1,
                                         objectives={"dap_temperature": 2.0}), show_progress=False)
     assert configured.history[0]["dap_temperature"] == 2.0

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pmmcache import checkpoints as ckpt
 from pmmcache import evaluate, train
 from pmmcache.config import from_dict, to_dict
 from pmmcache.errors import ConfigError, PmmcacheError
@@ -148,9 +149,14 @@ def run_state(run: PlannedRun) -> RunState:
         if recorded is not None and recorded != init_fingerprint(run.init_dir):
             differences.append(f"init (the pre-training run {run.init_dir} was retrained or is unfinished)")
     extendable = all(d.split(".")[0] in RESUMABLE_CHANGES for d in differences)
-    wanted = to_dict(run.config)
-    if differences and finished and extendable and _only_budget_raised(saved, wanted):
-        return RunState("resume", f"(finished; {', '.join(differences)} raised: trained on)")
+    if differences and finished and extendable and _budget_not_lowered(saved, to_dict(run.config)):
+        # Only the budget (or how the run is watched) differs: train on if the new budget lets it.
+        trains_on = _trains_on(run_dir, run.config)
+        if trains_on is None:
+            return RunState("changed", f"{', '.join(differences)} (no checkpoint left to train on from)")
+        if trains_on:
+            return RunState("resume", f"(finished; {', '.join(differences)} raised: trains on)")
+        return RunState("finished", f"({', '.join(differences)} raised; it had stopped early, as it would now)")
     if differences and (finished or not extendable):
         return RunState("changed", ", ".join(differences))
     if not finished:
@@ -164,12 +170,22 @@ def run_state(run: PlannedRun) -> RunState:
     return RunState("finished")
 
 
-def _only_budget_raised(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
+def _budget_not_lowered(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
     """Epochs and patience not lowered: resuming the finished run then trains exactly what a run made with
     the new budget would have (resume equals the uninterrupted run; an early stop stays one unless the
     patience grew). A lowered budget would keep epochs that the recipe no longer asks for."""
     defaults = to_dict(TrainConfig())
     return all(wanted[key] >= saved.get(key, defaults[key]) for key in ("epochs", "patience"))
+
+
+def _trains_on(run_dir: Path, config: TrainConfig) -> bool | None:
+    """Whether resuming the run's latest checkpoint under `config`'s epochs and patience would train
+    more epochs; None if it has no intact checkpoint (resuming would start it over)."""
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if latest is None or ckpt.problem(latest) is not None:
+        return None
+    state = train.TrainState.read(latest)
+    return state.epoch < config.epochs and state.bad_epochs < config.patience
 
 
 def _as_train_saves_it(config: TrainConfig) -> TrainConfig:
@@ -238,6 +254,11 @@ def run_pipeline(recipe: Recipe, runs_root: Path, *, only: tuple[str, ...] = (),
     """Train, resume or skip every run of the grid, in order; with dry_run, only list them."""
     runs = plan(recipe, runs_root, only, source)
     states = [run_state(run) for run in runs]
+    # A finished pre-training run that trains on changes the model its finished cells started from.
+    training_on = {run.run_dir for run, state in zip(runs, states) if state.state == "resume"}
+    states = [RunState("changed", f"init (the pre-training run {run.init_dir} trains on)")
+              if run.init_dir in training_on and state.state != "new" else state
+              for run, state in zip(runs, states)]
     if dry_run:
         for index, (run, state) in enumerate(zip(runs, states), 1):
             echo(f"[{index}/{len(runs)}] {state.state:<8} {run.label}  {run.run_dir}"
