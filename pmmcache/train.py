@@ -305,15 +305,13 @@ def calibrated_dap_temperature(loss_at: Callable[[float], float], base: float, e
 
 def calibrated_start(step: TrainingStep, inputs: tuple[Any, ...], accelerator: Accelerator) -> float:
     """`TrainingStep.first_batch_temperature` on this first batch; under DDP the largest over the
-    processes (it satisfies every process's batch), and every process raises alike if one has no
-    finite scores."""
+    processes (it satisfies every process's batch). If any process's scores are not finite, every
+    process keeps sqrt(d): the first step's loss is then not finite either, and its guard names the cause
+    (damaged cached states or diverged weights)."""
     with accelerator.autocast():
         temperature = step.first_batch_temperature(*inputs)
     every = accelerator.gather(torch.tensor([temperature], dtype=torch.float64, device=accelerator.device))
-    if not torch.isfinite(every).all():
-        raise PmmcacheError("the first batch's DAP scores are not finite, so no DAP temperature can be fixed: "
-                            "check the cache (`pmmcache verify-cache`) or set objectives.dap_temperature")
-    return float(every.max().item())
+    return float(every.max().item()) if torch.isfinite(every).all() else step.sqrt_d
 
 
 def starting_dap_temperature(state: "TrainState", step: TrainingStep, config: TrainConfig) -> float | None:
@@ -591,7 +589,7 @@ def run(config: TrainConfig, show_progress: bool = True,
         record = {"epoch": epoch, **{f"train_{k}": float(v) / max(1, len(batches)) for k, v in sums.items()},
                   **{f"valid_{k}": v for k, v in metrics.items()}, **grad_norms,
                   **{f"scale_{k}": v for k, v in state.objective_scales.items()},
-                  "dap_temperature": training_step.dap_temperature,
+                  **({"dap_temperature": training_step.dap_temperature} if "dap" in weights else {}),
                   "lr": scheduler.get_last_lr()[1],  # the heads' learning rate for the next step (lr once warm)
                   "seconds": round(seconds, 2),
                   "items_per_s": round(items_seen / seconds, 1) if seconds > 0 else 0.0}
