@@ -144,8 +144,10 @@ class Prefetcher(Generic[Item, Prepared]):
             raise value
         raise StopIteration
 
-    def close(self) -> None:
-        """Stop the background thread (it finishes the item it is preparing, then exits)."""
+    def close(self, wait: float = 0.0) -> None:
+        """Stop the background thread (it finishes the item it is preparing, then exits); `wait` > 0
+        waits up to that many seconds for it to exit: before the interpreter exits, since a thread
+        still inside torch then aborts it ("terminate called without an active exception")."""
         self._finished = True
         if self._enabled:
             self._stop.set()
@@ -154,6 +156,8 @@ class Prefetcher(Generic[Item, Prepared]):
                     self._queue.get_nowait()
                 except queue.Empty:
                     break
+            if wait > 0 and self._thread is not threading.current_thread():
+                self._thread.join(wait)
 
     def __del__(self) -> None:
         if getattr(self, "_enabled", False):

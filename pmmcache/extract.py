@@ -355,6 +355,8 @@ def _extract_into(path: Path, manifest: dict, dataset: Any, text: TextEncoder | 
                 background.finish()
     finally:
         progress.close()
+        if isinstance(loader, Prefetcher):  # its thread prepares batches with torch: let it leave before exit
+            loader.close(wait=30.0)
         if background is not None:
             background.stop()
         if writer is not None:

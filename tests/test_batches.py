@@ -90,3 +90,13 @@ def test_duplicate_items_encoded_once_give_the_vectors_of_encoding_every_positio
         every_position = model.encode_items(s.store.get(ids.reshape(-1))).vector.reshape(*ids.shape, -1)
     torch.testing.assert_close(deduplicated, every_position, atol=1e-6, rtol=1e-5)
     assert np.isfinite(deduplicated.numpy()).all()
+
+
+def test_prefetcher_close_can_wait_for_its_thread_to_leave():
+    """Before the interpreter exits (Ctrl-C in extraction): a thread still inside torch would abort it."""
+    import time
+
+    prefetcher = Prefetcher(range(10), lambda i: time.sleep(0.2) or i, depth=1)
+    assert next(prefetcher) == 0
+    prefetcher.close(wait=5.0)
+    assert not any(t.name == "pmmcache-prefetch" for t in threading.enumerate())

@@ -271,7 +271,7 @@ def test_interrupted_extraction_resumes_without_redoing_rows(sig, baseline, toy_
             child.kill()
             child.wait()
     if sig == signal.SIGINT:
-        assert child.returncode == 130 and "rerun the same command to resume" in stderr
+        assert child.returncode == 130 and "rerun the same command to resume" in stderr, stderr[-3000:]
     else:
         assert child.returncode == -signal.SIGKILL
 
