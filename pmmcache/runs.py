@@ -71,10 +71,7 @@ def init_dap_temperature(parts_dir: Path, default: float) -> float:
     path = Path(parts_dir) / "metrics.json"
     if not path.is_file():
         return default
-    try:
-        value = json.loads(path.read_text()).get("dap_temperature")
-    except (ValueError, AttributeError) as err:
-        raise PmmcacheError(f"{path}: not a metrics record written by pmmcache ({err})") from err
+    value = load_file(path).get("dap_temperature")  # a damaged file: a ConfigError naming it
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:

@@ -315,6 +315,10 @@ def test_a_finished_run_trains_on_when_only_its_budget_is_raised(toy, tmp_path):
     run("--set", "defaults.epochs=3", "--set", "pretrain.src.epochs=2", code=2)
     assert trained_files(runs) == files  # refused up front: nothing was trained
 
+    shutil.rmtree(scratch / "checkpoints")  # nothing to train on from: it would start over
+    dry = run("--only", "From scratch", "--set", "defaults.epochs=4", "--dry-run")
+    assert "changed  From scratch / toy / seed 42" in dry and "no checkpoint left" in dry
+
 
 def test_a_damaged_run_config_is_named_not_a_traceback(tiny, tmp_path):
     path, runs, _ = tiny

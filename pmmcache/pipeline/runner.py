@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pmmcache import checkpoints as ckpt
 from pmmcache import evaluate, train
 from pmmcache.config import from_dict, to_dict
 from pmmcache.errors import ConfigError, PmmcacheError
@@ -179,12 +178,15 @@ def _budget_not_lowered(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
 
 
 def _trains_on(run_dir: Path, config: TrainConfig) -> bool | None:
-    """Whether resuming the run's latest checkpoint under `config`'s epochs and patience would train
-    more epochs; None if it has no intact checkpoint (resuming would start it over)."""
-    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    if latest is None or ckpt.problem(latest) is not None:
+    """Whether resuming the run (from the checkpoint `train.resume_point` picks) under `config`'s epochs
+    and patience would train more epochs; None if it has no usable checkpoint (resuming would start it over)."""
+    try:
+        start = train.resume_point(run_dir / "checkpoints", warn=False)
+    except PmmcacheError:  # every checkpoint damaged
         return None
-    state = train.TrainState.read(latest)
+    if start is None:
+        return None
+    _, state = start
     return state.epoch < config.epochs and state.bad_epochs < config.patience
 
 
