@@ -307,6 +307,19 @@ def test_left_and_right_padding_give_the_same_user_states():
     torch.testing.assert_close(right_last[1], right_states[1, 1], rtol=0, atol=0)
 
 
+def test_user_encoder_ffn_activation_is_the_configured_one():
+    relu = user_encoder()
+    gelu = UserEncoder(UserEncoderConfig(d_model=D, n_heads=2, ffn=64, max_len=6, activation="gelu")).eval()
+    gelu.load_state_dict(relu.state_dict())
+    assert all(block.activation is torch.nn.functional.gelu for block in gelu.blocks)
+    assert all(block.activation is torch.nn.functional.relu for block in relu.blocks)
+    items, padding = torch.randn(2, 5, D), torch.zeros(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        assert not torch.allclose(relu(items, padding), gelu(items, padding))  # same weights, other FFN
+    with pytest.raises(ConfigError, match="activation"):
+        UserEncoderConfig(activation="tanh")
+
+
 def test_user_encoder_rejects_sequences_longer_than_its_positions():
     with pytest.raises(ValueError, match="max_len"):
         user_encoder()(torch.randn(1, 7, D), torch.zeros(1, 7, dtype=torch.bool))
