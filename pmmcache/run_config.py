@@ -78,6 +78,11 @@ class ObjectiveConfig:
     # the content item table is cheap enough for small catalogues).
     negatives: Literal["in_batch", "mixed", "catalogue"] = "in_batch"
     uniform_negatives: int = 256
+    # With "catalogue" negatives, how often a step runs the item tower. "twice": the batch's items for
+    # the user encoder, then the whole catalogue as candidates (independent dropout draws; how every
+    # run before this setting was trained). "once": the catalogue only, the batch's items read from
+    # it, as an ID table is (one tower pass per step instead of two: the faster choice at k >= 1).
+    encode_catalogue: Literal["twice", "once"] = "twice"
     # How eq. 12's weighted sum is balanced. "grad_norm" (working form): on the first batch of a
     # pre-training run each auxiliary objective (NICL, NID, RCL) is scaled so that its gradient norm on
     # the trained parameters equals DAP's, times its weight; the scales are then fixed for the run (saved

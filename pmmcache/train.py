@@ -88,24 +88,37 @@ class TrainingStep(nn.Module):
             return 1.0
         return self.calibrated_temperature or self.sqrt_d
 
+    @property
+    def encodes_catalogue_once(self) -> bool:
+        return self.objectives.negatives == "catalogue" and self.objectives.encode_catalogue == "once"
+
     def _encode(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates) -> tuple[Any, ...]:
         """(the U unique items' ItemOutput, (B, N, d) their vectors per position, (B, N - 1, d) user states,
-        (B, N - 1) input padding)."""
-        items = self.model.encode_items(states)  # vectors of the U unique items
+        (B, N - 1) input padding, the catalogue's ItemOutput (items 1..N) when encoded once, else None)."""
+        table = None
+        if self.encodes_catalogue_once:  # one tower pass: the batch's items are rows of the catalogue's
+            table = self.model.encode_items(self.catalogue)  # items 1..N
+            # (U,) the item id of each unique item; every one of them is in item_ids ("catalogue" adds none)
+            unique = torch.zeros(int(inverse.max()) + 1, dtype=torch.long, device=item_ids.device)
+            unique.scatter_(0, inverse.reshape(-1), item_ids.reshape(-1).long())
+            items = table.rows((unique - 1).clamp(min=0), keep=unique > 0)  # padding (0): zeros
+        else:
+            items = self.model.encode_items(states)  # vectors of the U unique items
         vectors = items.vector[inverse]  # (B, N, d): N - 1 input items, then the last target
         padding = item_ids == 0  # (B, N)
         # The user encoder sees the inputs only, exactly as at evaluation time (its positions count
         # back from the most recent item, so the target must not be part of its input).
         inputs, input_padding = vectors[:, :-1], padding[:, :-1]
-        return items, vectors, self.model.encode_users(inputs, input_padding), input_padding
+        return items, vectors, self.model.encode_users(inputs, input_padding), input_padding, table
 
     def _dap_at(self, items: Any, vectors: torch.Tensor, user_states: torch.Tensor, item_ids: torch.Tensor,
                 predict: torch.Tensor | None, negative_ids: torch.Tensor | None,
-                negative_inverse: torch.Tensor | None) -> Callable[[float], torch.Tensor]:
-        """DAP as a function of its temperature (the candidates encoded once)."""
+                negative_inverse: torch.Tensor | None, table: Any = None) -> Callable[[float], torch.Tensor]:
+        """DAP as a function of its temperature (the candidates encoded once); `table`: the catalogue's
+        ItemOutput if `_encode` made it."""
         if self.objectives.negatives == "catalogue":  # every item a candidate (no logQ)
-            table = self.model.encode_items(self.catalogue).vector  # (N, d)
-            return lambda t: catalogue_dap_loss(user_states, table, item_ids, None, t, predict)
+            candidates = (table if table is not None else self.model.encode_items(self.catalogue)).vector  # (N, d)
+            return lambda t: catalogue_dap_loss(user_states, candidates, item_ids, None, t, predict)
         extra = items.vector[negative_inverse] if negative_inverse is not None else None  # (M, d)
         extra_ids = negative_ids if extra is not None else None
         return lambda t: dap_loss(user_states, vectors, item_ids, self.log_popularity, t, extra, extra_ids, predict)
@@ -116,8 +129,8 @@ class TrainingStep(nn.Module):
                negative_inverse: torch.Tensor | None = None) -> Callable[[float], torch.Tensor]:
         """This batch's DAP loss (`forward`'s arguments) as a function of the temperature, the model
         run once in its current mode."""
-        items, vectors, user_states, _ = self._encode(item_ids, inverse, states)
-        return self._dap_at(items, vectors, user_states, item_ids, predict, negative_ids, negative_inverse)
+        items, vectors, user_states, _, table = self._encode(item_ids, inverse, states)
+        return self._dap_at(items, vectors, user_states, item_ids, predict, negative_ids, negative_inverse, table)
 
     @torch.no_grad()
     def first_batch_temperature(self, *inputs: Any) -> float:
@@ -142,11 +155,11 @@ class TrainingStep(nn.Module):
         predict (B, N - 1) the targets that count; negative_ids / negative_inverse (M,) uniform
         negatives ("mixed") and their positions among the unique items."""
         o = self.objectives
-        items, vectors, user_states, input_padding = self._encode(item_ids, inverse, states)
+        items, vectors, user_states, input_padding, table = self._encode(item_ids, inverse, states)
         losses: dict[str, torch.Tensor] = {}
         if "dap" in self.weights:
             losses["dap"] = self._dap_at(items, vectors, user_states, item_ids, predict, negative_ids,
-                                         negative_inverse)(self.dap_temperature)
+                                         negative_inverse, table)(self.dap_temperature)
         if "nicl" in self.weights:
             if items.text_cls is None or items.image_cls is None:
                 raise ConfigError("NICL needs both modalities; set objectives.nicl = 0 for a single-modality model")

@@ -239,6 +239,38 @@ def test_catalogue_dap_loss_is_cross_entropy_over_every_item():
     assert not torch.allclose(catalogue_dap_loss(states, table, ids, log_pop), loss)
 
 
+def test_encoding_the_catalogue_once_is_the_same_step_with_one_item_tower_pass(toy, tmp_path):
+    config = train_config(toy, tmp_path, "once", objectives={"negatives": "catalogue", "logq": False})
+    s = setup(config, torch.device("cpu"))
+    s.model.eval()  # no dropout: the two ways must then agree exactly
+    catalogue = s.store.get(torch.arange(1, s.store.num_items + 1))
+    ids = torch.tensor([[1, 2, 3, 4], [0, 5, 6, 7], [8, 9, 10, 11]])  # padding included
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    corrupted, labels = corrupt_sequences(ids[:, :-1], 0.3, 0.2, torch.Generator().manual_seed(0))
+    inputs = (ids, inverse, s.store.get(unique), torch.searchsorted(unique, corrupted), labels)
+    passes = []
+    hook = s.model.item_tower.register_forward_hook(lambda module, args, out: passes.append(len(out.vector)))
+    results = {}
+    for way in ("twice", "once"):
+        passes.clear()
+        objectives = dataclasses.replace(config.objectives, encode_catalogue=way)
+        step = train.TrainingStep(s.model, objectives, config.weights, None, catalogue)
+        losses = step(*inputs)
+        s.model.zero_grad()
+        sum(losses.values()).backward()
+        grads = {name: p.grad.clone() for name, p in s.model.named_parameters() if p.grad is not None}
+        results[way] = (losses, grads, list(passes))
+    hook.remove()
+    (twice, twice_grads, twice_passes), (once, once_grads, once_passes) = results["twice"], results["once"]
+    assert set(twice) == set(once) == {"dap", "nicl", "nid", "rcl"}
+    for name in twice:
+        torch.testing.assert_close(once[name], twice[name], rtol=1e-5, atol=1e-6)
+    assert set(once_grads) == set(twice_grads)
+    for name in twice_grads:
+        torch.testing.assert_close(once_grads[name], twice_grads[name], rtol=1e-4, atol=1e-6)
+    assert twice_passes == [len(unique), s.store.num_items] and once_passes == [s.store.num_items]
+
+
 def test_sasrec_id_baseline_trains_and_evaluates_in_the_same_loop(toy, tmp_path):
     config = train_config(toy, tmp_path, "sasrec", stage="finetune", model={
         "items": "id", "item_tower": {"d_model": 32, "fusion_heads": 2}, "user_encoder": {"d_model": 32}},

@@ -151,6 +151,18 @@ class ItemOutput:
     image_cls: Tensor | None  # (N, d) projected image CLS v^cls (for NICL), zeros where unusable; None without image
     modality: Tensor  # (N, 2) bool [text usable, image usable]: where text_cls / image_cls mean something
 
+    def rows(self, index: Tensor, keep: Tensor | None = None) -> "ItemOutput":
+        """The items at `index` (M,) long, every field; rows where `keep` (M,) bool is False are zeroed
+        (and not usable)."""
+        def take(field: Tensor | None) -> Tensor | None:
+            if field is None:
+                return None
+            picked = field[index]
+            return picked if keep is None else picked * keep.view(-1, *([1] * (picked.dim() - 1))).to(picked.dtype)
+        modality = self.modality[index] if keep is None else self.modality[index] & keep[:, None]
+        return ItemOutput(vector=take(self.vector), text_cls=take(self.text_cls), image_cls=take(self.image_cls),
+                          modality=modality)
+
 
 @dataclass(frozen=True)
 class ModalityTokens:
