@@ -631,11 +631,15 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
               help="Users per batch at which the compute-only step is timed with in-batch negatives before "
                    "(pairwise (B, N, B*N) mask) and after (per-user bitmap), side by side; '' skips it.")
 @click.option("--negatives-steps", type=int, help="Timed steps per round of that comparison.  [default: 5 on CUDA, 2 on CPU]")
+@click.option("--catalogue-ways/--no-catalogue-ways", default=True, show_default=True,
+              help="Also time the compute-only step with every catalogue item a DAP candidate, the item tower "
+                   "run twice per step vs once (objectives.encode_catalogue).")
 @size_options
 def bench_step(output: str | None, **options: Any) -> None:
     """Training step on cached states (memmap / RAM / GPU, with and without prefetch) vs end to end
     (lower blocks recomputed every step) vs pure compute (states already on the device); then the
-    compute-only step at --negatives-batches with in-batch negatives before / after the bitmap."""
+    compute-only step at --negatives-batches with in-batch negatives before / after the bitmap, and
+    with catalogue negatives, the item tower run twice vs once per step."""
     from pmmcache import bench as bench_mod
 
     _quiet_libraries()

@@ -85,7 +85,7 @@ def test_step_bench_times_every_variant_side_by_side(tmp_path, monkeypatch):
     from pmmcache import train
     from pmmcache.bench import pairwise
 
-    calls = {"before": 0, "after": 0}
+    calls = {"before": 0, "after": 0, "catalogue": 0}
 
     def counting(name, loss):
         def counted(*args, **kwargs):
@@ -95,6 +95,7 @@ def test_step_bench_times_every_variant_side_by_side(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pairwise, "pairwise_dap_loss", counting("before", pairwise.pairwise_dap_loss))
     monkeypatch.setattr(train, "dap_loss", counting("after", train.dap_loss))
+    monkeypatch.setattr(train, "catalogue_dap_loss", counting("catalogue", train.catalogue_dap_loss))
     result = invoke_json(["bench", "step", "--batch-size", "4", "--positions", "5", "--steps", "1", "--rounds", "1", "--warmup", "0",
                           "--catalogue", "30", "--negatives-batches", "3,6", "--negatives-steps", "2", *TINY], tmp_path)
     negatives = result["in_batch_negatives"]
@@ -103,7 +104,10 @@ def test_step_bench_times_every_variant_side_by_side(tmp_path, monkeypatch):
         assert figures["ms_before"] > 0 and figures["ms_after"] > 0 and figures["speedup"] > 0
         assert figures["dap_nicl_ms"]["before"] > 0 and figures["dap_nicl_ms"]["after"] > 0
     # The trainer's step: 6 variants x 1 step, then per batch size 2 steps after; the old path only before
-    assert calls == {"before": 2 * 2, "after": 6 + 2 * 2}
+    # ... and, with catalogue negatives, 1 step each way
+    assert calls == {"before": 2 * 2, "after": 6 + 2 * 2, "catalogue": 2}
+    catalogue = result["catalogue_negatives"]
+    assert catalogue["ms_twice"] > 0 and catalogue["ms_once"] > 0 and catalogue["speedup"] > 0
     variants = {"end_to_end", "cached_memmap_plain", "cached_memmap_prefetch", "cached_ram_plain",
                 "cached_ram_prefetch", "compute_only"}
     assert result["bench"] == "step" and result["device"] == "cpu" and result["precision"] == "fp32"

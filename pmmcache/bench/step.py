@@ -14,11 +14,16 @@ Then, at each of `negatives_batches` users per batch, the compute-only step with
 were before the per-user bitmap (`pmmcache.bench.pairwise`: the (B, N, B*N) comparison mask and dense
 masks over the logits) and as `pmmcache.objectives` computes them now, taking turns over `rounds`.
 
+Last, the compute-only step with every catalogue item a DAP candidate (`objectives.negatives =
+catalogue`), the item tower run twice per step (the batch's items, then the catalogue) and once
+(`encode_catalogue = once`: the batch's items read from the catalogue's vectors), taking turns.
+
 Every variant's step is `pmmcache.train.train_step`, the trainer's own: forward under accelerate's
 autocast, backward through the accelerator, clipping at GRAD_CLIP, AdamW and scheduler step.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import tempfile
@@ -87,7 +92,7 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
                    catalogue: int | None = None, device: str = "auto", precision: str = "auto",
                    stage: str = "pretrain", storages: tuple[str, ...] | None = None, work_dir: str | None = None,
                    seed: int = 0, negatives_batches: tuple[int, ...] = (32, 128, 256), negatives_steps: int | None = None,
-                   **size_options: Any) -> dict[str, Any]:
+                   catalogue_ways: bool = True, **size_options: Any) -> dict[str, Any]:
     """ms per step of each variant (see the module docstring) and their ratios; one JSON-able dict.
 
     Each variant runs `rounds` times, the variants taking turns, `warmup` + `steps` steps each; a
@@ -165,6 +170,28 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
                 "unique_items_per_batch": round(statistics.mean(len(b.states.text) for b in ready), 1)}
         return figures
 
+    def catalogue_twice_once(store: Any, ready: list[Batch]) -> dict[str, Any]:
+        """Compute-only ms per step with catalogue negatives, the item tower run twice vs once per step."""
+        nonlocal step_module
+        items = store.get(torch.arange(1, catalogue + 1))
+        ways = {way: accelerator.prepare(TrainingStep(model, dataclasses.replace(
+            config.objectives, negatives="catalogue", encode_catalogue=way), weights, None, items).to(dev))
+            for way in ("twice", "once")}
+        done: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
+        kept = step_module
+        try:
+            for _ in range(rounds):
+                for way, module in ways.items():
+                    step_module = module
+                    done[way].append(timed(lambda _: ready.__getitem__, False))
+        finally:
+            step_module = kept
+        ms = {way: statistics.median(r["ms"] for r in runs) for way, runs in done.items()}
+        return {"ms_twice": ms["twice"], "ms_once": ms["once"], "speedup": round(ms["twice"] / ms["once"], 2),
+                "spread_ms": {way: [min(r["ms"] for r in runs), max(r["ms"] for r in runs)] for way, runs in done.items()},
+                "what": f"compute-only step, every one of the {catalogue} items a DAP candidate; twice = the batch's "
+                        "items and the catalogue through the item tower, once = objectives.encode_catalogue=once"}
+
     variants: dict[str, tuple[Callable[[torch.Generator], Callable[[int], Batch]], bool]] = {}
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         path = Path(tmp) / "bench-step.h5"
@@ -191,6 +218,7 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
             for name, (prepare_for, prefetch) in variants.items():
                 runs[name].append(timed(prepare_for, prefetch))
         negatives = negatives_before_after(store)  # the last storage: GPU on CUDA, RAM on a CPU
+        catalogue_negatives = catalogue_twice_once(store, prepared_ahead) if catalogue_ways else None
     figures = {name: {"ms": statistics.median(r["ms"] for r in done),
                       "gpu_peak_mb": max((r["gpu_peak_mb"] or 0) for r in done) or None,
                       "spread_ms": [min(r["ms"] for r in done), max(r["ms"] for r in done)]}
@@ -215,6 +243,7 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
                                        "mask and dense masks over the logits (pmmcache.bench.pairwise), after = "
                                        "the per-user bitmap and logit bias of pmmcache.objectives; dap_nicl_ms = "
                                        "those two losses alone, forward + backward, logQ on"},
+        "catalogue_negatives": catalogue_negatives,
         "host_peak_rss_mb": host_peak_rss_mb(),
         "note": "random weights and synthetic states (speed does not depend on them); end to end recomputes the "
                 "lower blocks from token ids and pixels already on the device (no image decoding), for the "
