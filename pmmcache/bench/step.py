@@ -133,7 +133,7 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
                                                             store, dev, corruption, generator)
 
     def timed(prepare_for: Callable[[torch.Generator], Callable[[int], Batch]], prefetch: bool,
-              timed_steps: int = steps) -> dict[str, Any]:
+              timed_steps: int = steps, module: Any = None) -> dict[str, Any]:
         """ms per step over `timed_steps` steps (after `warmup` untimed ones), and the peak GPU memory."""
         prepare = prepare_for(torch.Generator().manual_seed(seed))  # the same corruption in every variant
         reset_gpu_peak(dev)
@@ -142,7 +142,8 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
             if step == warmup:
                 synchronize(dev)
                 start = time.perf_counter()
-            train_step(step_module, step_inputs(batch, dev), weights, accelerator, optimizer, scheduler, GRAD_CLIP)
+            train_step(module or step_module, step_inputs(batch, dev), weights, accelerator, optimizer, scheduler,
+                       GRAD_CLIP)
         synchronize(dev)
         return {"ms": round((time.perf_counter() - start) * 1e3 / timed_steps, 2), "gpu_peak_mb": gpu_peak_mb(dev)}
 
@@ -172,20 +173,14 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
 
     def catalogue_twice_once(store: Any, ready: list[Batch]) -> dict[str, Any]:
         """Compute-only ms per step with catalogue negatives, the item tower run twice vs once per step."""
-        nonlocal step_module
         items = store.get(torch.arange(1, catalogue + 1))
         ways = {way: accelerator.prepare(TrainingStep(model, dataclasses.replace(
             config.objectives, negatives="catalogue", encode_catalogue=way), weights, None, items).to(dev))
             for way in ("twice", "once")}
         done: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
-        kept = step_module
-        try:
-            for _ in range(rounds):
-                for way, module in ways.items():
-                    step_module = module
-                    done[way].append(timed(lambda _: ready.__getitem__, False))
-        finally:
-            step_module = kept
+        for _ in range(rounds):
+            for way, module in ways.items():
+                done[way].append(timed(lambda _: ready.__getitem__, False, module=module))
         ms = {way: statistics.median(r["ms"] for r in runs) for way, runs in done.items()}
         return {"ms_twice": ms["twice"], "ms_once": ms["once"], "speedup": round(ms["twice"] / ms["once"], 2),
                 "spread_ms": {way: [min(r["ms"] for r in runs), max(r["ms"] for r in runs)] for way, runs in done.items()},
