@@ -32,7 +32,7 @@ class Batch:
 
     ids: torch.Tensor  # (B, N) left-padded item indices: N - 1 inputs, then the last target
     inverse: torch.Tensor  # (B, N) position of each item among the unique items of `states`
-    states: ItemStates  # cached states of the U unique items (padding item included when present)
+    states: ItemStates | None  # cached states of the U unique items (padding included); None: not read
     corrupted_inverse: torch.Tensor | None  # (B, N - 1) corrupted inputs as positions among the unique items
     labels: torch.Tensor | None  # (B, N - 1) NID labels of the corrupted inputs
     num_items: int  # non-padding positions, counted on the host (no device sync for the progress bar)
@@ -60,13 +60,15 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def prepare_batch(sequences: torch.Tensor, users: np.ndarray, store: ItemStore, device: torch.device,
                   corruption: tuple[float, float] | None = None, generator: torch.Generator | None = None,
                   trim: Callable[[torch.Tensor], torch.Tensor] = trim_padding, predict: torch.Tensor | None = None,
-                  uniform_negatives: int = 0) -> Batch:
+                  uniform_negatives: int = 0, read_states: bool = True) -> Batch:
     """The batch of `users` (indices into `sequences` (U, N) of item indices, left-padded).
 
     `corruption` = (shuffle fraction, replace fraction) for NID/RCL, or None; `uniform_negatives`
     items are drawn uniformly from the catalogue as extra DAP negatives (encoded with the batch's
     own items). Both draw from `generator` (a host generator), so the same generator state gives the
-    same batch. `predict` (U, N - 1) bool marks the targets each sequence trains on.
+    same batch. `predict` (U, N - 1) bool marks the targets each sequence trains on. `read_states=False`
+    leaves the cache unread (`states` None): a step that encodes the whole catalogue takes the batch's
+    items from the catalogue's vectors, so reading them again would be I/O for nothing.
     """
     rows = torch.from_numpy(np.asarray(users))
     ids = trim(sequences[rows])  # (B, N)
@@ -88,7 +90,7 @@ def prepare_batch(sequences: torch.Tensor, users: np.ndarray, store: ItemStore, 
         labels = to_device(labels, device)
     if predict is not None:  # the same columns as the trimmed ids: the last N - 1 target slots
         predict = to_device(predict[rows][:, predict.shape[1] - (ids.shape[1] - 1):], device)
-    states = store.get(unique)
+    states = store.get(unique) if read_states else None
     return Batch(ids=to_device(ids, device), inverse=to_device(inverse, device), states=states,
                  corrupted_inverse=corrupted_inverse, labels=labels, num_items=int((ids > 0).sum()),
                  predict=predict, negative_ids=negative_ids, negative_inverse=negative_inverse, items=unique)

@@ -92,7 +92,7 @@ class TrainingStep(nn.Module):
     def encodes_catalogue_once(self) -> bool:
         return self.objectives.negatives == "catalogue" and self.objectives.encode_catalogue == "once"
 
-    def _encode(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates) -> tuple[Any, ...]:
+    def _encode(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates | None) -> tuple[Any, ...]:
         """(the U unique items' ItemOutput, (B, N, d) their vectors per position, (B, N - 1, d) user states,
         (B, N - 1) input padding, the catalogue's ItemOutput (items 1..N) when encoded once, else None)."""
         table = None
@@ -123,7 +123,7 @@ class TrainingStep(nn.Module):
         extra_ids = negative_ids if extra is not None else None
         return lambda t: dap_loss(user_states, vectors, item_ids, self.log_popularity, t, extra, extra_ids, predict)
 
-    def dap_at(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates,
+    def dap_at(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates | None,
                corrupted_inverse: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                predict: torch.Tensor | None = None, negative_ids: torch.Tensor | None = None,
                negative_inverse: torch.Tensor | None = None) -> Callable[[float], torch.Tensor]:
@@ -145,12 +145,13 @@ class TrainingStep(nn.Module):
             for module, training in modes.items():
                 module.training = training
 
-    def forward(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates,
+    def forward(self, item_ids: torch.Tensor, inverse: torch.Tensor, states: cache_io.ItemStates | None,
                 corrupted_inverse: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 predict: torch.Tensor | None = None, negative_ids: torch.Tensor | None = None,
                 negative_inverse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """item_ids (B, N) left-padded sequences (inputs + last target); inverse (B, N) positions of
-        their items among the unique items whose `states` are given; corrupted_inverse / labels
+        their items among the unique items whose `states` are given (None when the catalogue is encoded
+        once: its vectors give the batch's items); corrupted_inverse / labels
         (B, N - 1) the NID-corrupted inputs, as positions among the unique items, and their labels;
         predict (B, N - 1) the targets that count; negative_ids / negative_inverse (M,) uniform
         negatives ("mixed") and their positions among the unique items."""
@@ -228,8 +229,11 @@ def nonfinite_loss_cause(batch: Any, store: ItemStore | IdItems, model: PMMRec, 
         shown = ", ".join(keys[i - 1] for i in indices[:8])
         return shown + (f" and {len(indices) - 8} more" if len(indices) > 8 else "")
 
+    states = batch.states
+    if states is None and batch.items is not None:  # not read for the step (the catalogue was encoded once)
+        states = store.get(batch.items)
     if isinstance(store, ItemStore) and batch.items is not None:
-        bad = nonfinite_items(batch.states).cpu()
+        bad = nonfinite_items(states).cpu()
         broken = [int(i) for i in batch.items[bad].tolist() if i > 0]
         if broken:
             return (f"The cache {cache_path} holds non-finite values for {len(broken)} of the batch's "
@@ -240,7 +244,7 @@ def nonfinite_loss_cause(batch: Any, store: ItemStore | IdItems, model: PMMRec, 
     else:
         source = "an ID-based model reads no cache"
     with torch.no_grad():
-        vectors = model.encode_items(batch.states).vector  # (U, d)
+        vectors = model.encode_items(states).vector  # (U, d)
     diverged = int((~torch.isfinite(vectors).all(-1)).sum())
     source += (f"; {diverged} of their item vectors are not (the item tower's weights diverged)" if diverged
                else "; their item vectors are finite")
@@ -557,7 +561,8 @@ def run(config: TrainConfig, show_progress: bool = True,
         uniform = config.objectives.uniform_negatives if config.objectives.negatives == "mixed" else 0
         prepared = Prefetcher(batches, lambda users: prepare_batch(
             sequences, users, store, accelerator.device, corruption, generator, trim=trim_padding,
-            predict=predict, uniform_negatives=uniform), enabled=config.prefetch)
+            predict=predict, uniform_negatives=uniform, read_states=not training_step.encodes_catalogue_once),
+            enabled=config.prefetch)
         for step, (users, batch) in enumerate(zip(bar, prepared)):  # the batch is ready before its step
             inputs = step_inputs(batch, accelerator.device)
             if calibrate and state.dap_temperature is None:  # before the first step and before balancing

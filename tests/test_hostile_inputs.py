@@ -199,8 +199,11 @@ def test_a_crash_while_best_was_replaced_leaves_a_model_eval_recommend_and_resum
 # ------------------------------------------------------------------------------- 2. NaN losses
 
 
+# With the catalogue encoded once the step reads no batch states: the cause reads them itself.
+@pytest.mark.parametrize("objectives", [{}, {"negatives": "catalogue", "encode_catalogue": "once"}],
+                         ids=["in-batch", "catalogue-once"])
 def test_a_nan_loss_from_non_finite_cached_states_names_the_items_and_says_to_re_extract(toy, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, objectives):
     # The start-up check samples a few blocks of rows; in a cache this small it reads every row and
     # refuses the damage at once. Skip it, as a large cache's sample that misses the damaged rows would.
     monkeypatch.setattr("pmmcache.items.check_sample", lambda path: None)
@@ -211,7 +214,7 @@ def test_a_nan_loss_from_non_finite_cached_states_names_the_items_and_says_to_re
     writer = cache_io.CacheWriter(path)
     writer.maps["image/states"][[keys.index(k) for k in damaged]] = np.nan  # e.g. an fp16 overflow
     writer.close()
-    config = train_config(toy, tmp_path / "runs", "nan", cache_dir=str(cache_dir))
+    config = train_config(toy, tmp_path / "runs", "nan", cache_dir=str(cache_dir), objectives=objectives)
     with pytest.raises(PmmcacheError) as err:
         train.run(config, show_progress=False)
     message = str(err.value)

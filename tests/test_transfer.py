@@ -20,7 +20,9 @@ from pmmcache.config import from_dict, to_dict
 from pmmcache.corruption import corrupt_sequences
 from pmmcache.encoders.config import EncoderConfig
 from pmmcache.errors import ConfigError
+from pmmcache.batches import prepare_batch
 from pmmcache.extract import run as extract
+from pmmcache.items import ItemStore
 from pmmcache.objectives import catalogue_dap_loss
 from pmmcache.run_config import ObjectiveConfig, TrainConfig
 from pmmcache.runs import Setup, setup, trained_setup
@@ -255,7 +257,8 @@ def test_encoding_the_catalogue_once_is_the_same_step_with_one_item_tower_pass(t
         passes.clear()
         objectives = dataclasses.replace(config.objectives, encode_catalogue=way)
         step = train.TrainingStep(s.model, objectives, config.weights, None, catalogue)
-        losses = step(*inputs)
+        # once: the batch's own states are not needed (`prepare_batch(read_states=False)` leaves them None)
+        losses = step(*inputs) if way == "twice" else step(inputs[0], inputs[1], None, *inputs[3:])
         s.model.zero_grad()
         sum(losses.values()).backward()
         grads = {name: p.grad.clone() for name, p in s.model.named_parameters() if p.grad is not None}
@@ -269,6 +272,32 @@ def test_encoding_the_catalogue_once_is_the_same_step_with_one_item_tower_pass(t
     for name in twice_grads:
         torch.testing.assert_close(once_grads[name], twice_grads[name], rtol=1e-4, atol=1e-6)
     assert twice_passes == [len(unique), s.store.num_items] and once_passes == [s.store.num_items]
+
+
+def test_training_with_the_catalogue_encoded_once_reads_no_batch_states(toy, tmp_path, monkeypatch):
+    batches = []
+
+    def spy(*args, **kwargs):
+        batches.append(prepare_batch(*args, **kwargs))
+        return batches[-1]
+
+    monkeypatch.setattr(train, "prepare_batch", spy)
+    reads = []
+    get = ItemStore.get
+    monkeypatch.setattr(ItemStore, "get", lambda self, ids: reads.append(len(ids)) or get(self, ids))
+    for way in ("twice", "once"):
+        batches.clear()
+        reads.clear()
+        config = train_config(toy, tmp_path, way, epochs=1, objectives={"negatives": "catalogue",
+                                                                        "encode_catalogue": way})
+        result = train.run(config, show_progress=False)
+        assert batches and math.isfinite(result.metrics["valid"]["NDCG@10"])
+        if way == "twice":
+            assert all(b.states is not None for b in batches)
+        else:  # the step takes the batch's items from the catalogue's vectors: the cache is not read for them
+            assert all(b.states is None and b.items is not None for b in batches)
+            num_items = setup(config, torch.device("cpu")).store.num_items
+            assert reads and set(reads) <= {num_items}, reads  # the catalogue, and evaluation's item table
 
 
 def test_sasrec_id_baseline_trains_and_evaluates_in_the_same_loop(toy, tmp_path):
