@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from pmmcache import train
+from pmmcache.batches import prepare_batch
 from pmmcache.config import from_dict, to_dict
 from pmmcache.corruption import corrupt_sequences
 from pmmcache.encoders.config import EncoderConfig
 from pmmcache.errors import ConfigError
-from pmmcache.batches import prepare_batch
 from pmmcache.extract import run as extract
 from pmmcache.items import ItemStore
 from pmmcache.objectives import catalogue_dap_loss

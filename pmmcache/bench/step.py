@@ -142,7 +142,7 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
             if step == warmup:
                 synchronize(dev)
                 start = time.perf_counter()
-            train_step(module or step_module, step_inputs(batch, dev), weights, accelerator, optimizer, scheduler,
+            train_step(step_module if module is None else module, step_inputs(batch, dev), weights, accelerator, optimizer, scheduler,
                        GRAD_CLIP)
         synchronize(dev)
         return {"ms": round((time.perf_counter() - start) * 1e3 / timed_steps, 2), "gpu_peak_mb": gpu_peak_mb(dev)}
