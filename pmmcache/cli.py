@@ -634,12 +634,16 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 @click.option("--catalogue-ways/--no-catalogue-ways", default=True, show_default=True,
               help="Also time the compute-only step with every catalogue item a DAP candidate, the item tower "
                    "run twice per step vs once (objectives.encode_catalogue).")
+@click.option("--precision-ways/--no-precision-ways", default=True, show_default=True,
+              help="With fp32 precision (a CPU's default), also time the compute-only step in fp32 vs under "
+                   "bf16 autocast (--mixed-precision bf16), side by side.")
 @size_options
 def bench_step(output: str | None, **options: Any) -> None:
     """Training step on cached states (memmap / RAM / GPU, with and without prefetch) vs end to end
     (lower blocks recomputed every step) vs pure compute (states already on the device); then the
     compute-only step at --negatives-batches with in-batch negatives before / after the bitmap, and
-    with catalogue negatives, the item tower run twice vs once per step."""
+    with catalogue negatives, the item tower run twice vs once per step; at fp32, the compute-only
+    step in fp32 vs bf16 autocast."""
     from pmmcache import bench as bench_mod
 
     _quiet_libraries()

@@ -86,10 +86,13 @@ def test_step_bench_times_every_variant_side_by_side(tmp_path, monkeypatch):
     from pmmcache.bench import pairwise
 
     calls = {"before": 0, "after": 0, "catalogue": 0}
+    autocast_on: list[bool] = []  # per in-batch DAP call: did it run under bf16 autocast
 
     def counting(name, loss):
         def counted(*args, **kwargs):
             calls[name] += 1
+            if name == "after":
+                autocast_on.append(torch.is_autocast_enabled("cpu"))
             return loss(*args, **kwargs)
         return counted
 
@@ -104,10 +107,14 @@ def test_step_bench_times_every_variant_side_by_side(tmp_path, monkeypatch):
         assert figures["ms_before"] > 0 and figures["ms_after"] > 0 and figures["speedup"] > 0
         assert figures["dap_nicl_ms"]["before"] > 0 and figures["dap_nicl_ms"]["after"] > 0
     # The trainer's step: 6 variants x 1 step, then per batch size 2 steps after; the old path only before
-    # ... and, with catalogue negatives, 1 step each way
-    assert calls == {"before": 2 * 2, "after": 6 + 2 * 2, "catalogue": 2}
+    # ... and, with catalogue negatives, 1 step each way; then 1 step in each precision (in-batch)
+    assert calls == {"before": 2 * 2, "after": 6 + 2 * 2 + 2, "catalogue": 2}
     catalogue = result["catalogue_negatives"]
     assert catalogue["ms_twice"] > 0 and catalogue["ms_once"] > 0 and catalogue["speedup"] > 0
+    precisions = result["fp32_vs_bf16"]  # fp32 (a CPU's auto) and bf16 autocast, 1 step each
+    assert precisions["ms_fp32"] > 0 and precisions["ms_bf16"] > 0 and precisions["speedup"] > 0
+    assert isinstance(precisions["native_bf16"], bool) and set(precisions["spread_ms"]) == {"fp32", "bf16"}
+    assert autocast_on == [False] * (6 + 2 * 2 + 1) + [True]  # only the bf16 turn runs under autocast
     variants = {"end_to_end", "cached_memmap_plain", "cached_memmap_prefetch", "cached_ram_plain",
                 "cached_ram_prefetch", "compute_only"}
     assert result["bench"] == "step" and result["device"] == "cpu" and result["precision"] == "fp32"

@@ -18,6 +18,10 @@ Last, the compute-only step with every catalogue item a DAP candidate (`objectiv
 catalogue`), the item tower run twice per step (the batch's items, then the catalogue) and once
 (`encode_catalogue = once`: the batch's items read from the catalogue's vectors), taking turns.
 
+With fp32 precision (a CPU's default), also the compute-only step in fp32 and under bf16 autocast
+(`--mixed-precision bf16`), taking turns: on a CPU with native bf16 (AVX512-BF16, AMX) the matmuls
+run several times faster, so training there may gain from bf16 even without a GPU.
+
 Every variant's step is `pmmcache.train.train_step`, the trainer's own: forward under accelerate's
 autocast, backward through the accelerator, clipping at GRAD_CLIP, AdamW and scheduler step.
 """
@@ -92,7 +96,7 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
                    catalogue: int | None = None, device: str = "auto", precision: str = "auto",
                    stage: str = "pretrain", storages: tuple[str, ...] | None = None, work_dir: str | None = None,
                    seed: int = 0, negatives_batches: tuple[int, ...] = (32, 128, 256), negatives_steps: int | None = None,
-                   catalogue_ways: bool = True, **size_options: Any) -> dict[str, Any]:
+                   catalogue_ways: bool = True, precision_ways: bool = True, **size_options: Any) -> dict[str, Any]:
     """ms per step of each variant (see the module docstring) and their ratios; one JSON-able dict.
 
     Each variant runs `rounds` times, the variants taking turns, `warmup` + `steps` steps each; a
@@ -187,6 +191,22 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
                 "what": f"compute-only step, every one of the {catalogue} items a DAP candidate; twice = the batch's "
                         "items and the catalogue through the item tower, once = objectives.encode_catalogue=once"}
 
+    def fp32_bf16(ready: list[Batch]) -> dict[str, Any]:
+        """Compute-only ms per step in fp32 and under bf16 autocast, taking turns (fp32 runs only: an
+        accelerator already in bf16 or fp16 would re-enable its own autocast inside an fp32 context)."""
+        ways = {"fp32": nullcontext, "bf16": lambda: torch.autocast(dev.type, dtype=torch.bfloat16)}
+        done: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
+        for _ in range(rounds):
+            for way, context in ways.items():
+                with context():
+                    done[way].append(timed(lambda _: ready.__getitem__, False))
+        ms = {way: statistics.median(r["ms"] for r in runs) for way, runs in done.items()}
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported() if dev.type == "cpu" else torch.cuda.is_bf16_supported()
+        return {"ms_fp32": ms["fp32"], "ms_bf16": ms["bf16"], "speedup": round(ms["fp32"] / ms["bf16"], 2),
+                "spread_ms": {way: [min(r["ms"] for r in runs), max(r["ms"] for r in runs)] for way, runs in done.items()},
+                "native_bf16": bool(native),
+                "what": "compute-only step, fp32 vs bf16 autocast (what --mixed-precision bf16 runs)"}
+
     variants: dict[str, tuple[Callable[[torch.Generator], Callable[[int], Batch]], bool]] = {}
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         path = Path(tmp) / "bench-step.h5"
@@ -214,6 +234,7 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
                 runs[name].append(timed(prepare_for, prefetch))
         negatives = negatives_before_after(store)  # the last storage: GPU on CUDA, RAM on a CPU
         catalogue_negatives = catalogue_twice_once(store, prepared_ahead) if catalogue_ways else None
+        precisions = fp32_bf16(prepared_ahead) if precision_ways and precision == "fp32" else None
     figures = {name: {"ms": statistics.median(r["ms"] for r in done),
                       "gpu_peak_mb": max((r["gpu_peak_mb"] or 0) for r in done) or None,
                       "spread_ms": [min(r["ms"] for r in done), max(r["ms"] for r in done)]}
@@ -239,6 +260,7 @@ def run_step_bench(users: int = 32, positions: int = 21, steps: int | None = Non
                                        "the per-user bitmap and logit bias of pmmcache.objectives; dap_nicl_ms = "
                                        "those two losses alone, forward + backward, logQ on"},
         "catalogue_negatives": catalogue_negatives,
+        "fp32_vs_bf16": precisions,
         "host_peak_rss_mb": host_peak_rss_mb(),
         "note": "random weights and synthetic states (speed does not depend on them); end to end recomputes the "
                 "lower blocks from token ids and pixels already on the device (no image decoding), for the "
