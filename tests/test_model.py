@@ -320,6 +320,23 @@ def test_user_encoder_ffn_activation_is_the_configured_one():
         UserEncoderConfig(activation="tanh")
 
 
+def test_user_encoder_ffn_dropout_drops_only_inside_the_ffn():
+    recbole = UserEncoder(UserEncoderConfig(d_model=D, n_heads=2, ffn=64, max_len=6, dropout=0.5, ffn_dropout=0.0))
+    released = UserEncoder(UserEncoderConfig(d_model=D, n_heads=2, ffn=64, max_len=6, dropout=0.5))
+    assert [(b.dropout.p, b.dropout1.p, b.dropout2.p) for b in recbole.blocks] == [(0.0, 0.5, 0.5)] * 2
+    assert [b.dropout.p for b in released.blocks] == [0.5, 0.5]  # unset: the layer's one dropout
+    # Only the FFN's inner dropout on: train mode is random, and switching it off makes train = eval.
+    items, padding = torch.randn(2, 5, D), torch.zeros(2, 5, dtype=torch.bool)
+    inner = UserEncoder(UserEncoderConfig(d_model=D, n_heads=2, ffn=64, max_len=6, dropout=0.0, ffn_dropout=0.9)).train()
+    assert not torch.allclose(inner(items, padding), inner(items, padding))
+    off = UserEncoder(UserEncoderConfig(d_model=D, n_heads=2, ffn=64, max_len=6, dropout=0.0, ffn_dropout=0.0))
+    off.load_state_dict(inner.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(off.train()(items, padding), off.eval()(items, padding))
+    with pytest.raises(ConfigError, match="ffn_dropout"):
+        UserEncoderConfig(ffn_dropout=1.0)
+
+
 def test_user_encoder_rejects_sequences_longer_than_its_positions():
     with pytest.raises(ValueError, match="max_len"):
         user_encoder()(torch.randn(1, 7, D), torch.zeros(1, 7, dtype=torch.bool))

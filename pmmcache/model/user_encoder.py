@@ -31,6 +31,9 @@ class UserEncoderConfig:
     n_heads: int = 2
     ffn: int | None = None  # FFN width; None = 4 * d_model
     dropout: float = 0.1
+    # Dropout between the FFN's two linear layers: None = `dropout`, as the released code (PyTorch's
+    # encoder layer); 0 = RecBole's SASRec, whose FFN drops out only its output.
+    ffn_dropout: float | None = None
     max_len: int = 21  # position embeddings: 20 history items + the target
     padding_side: Literal["left", "right"] = "left"  # data layer convention (prepare.py left-pads)
     # "normal": N(0, init_std) for positions and every linear weight (RecBole's SASRec, BERT);
@@ -51,6 +54,8 @@ class UserEncoderConfig:
             raise ConfigError(f"user_encoder.ffn = {self.ffn}; must be positive (or unset for 4 * d)")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"user_encoder.dropout = {self.dropout}; must be in [0, 1)")
+        if self.ffn_dropout is not None and not 0.0 <= self.ffn_dropout < 1.0:
+            raise ConfigError(f"user_encoder.ffn_dropout = {self.ffn_dropout}; must be in [0, 1) (or unset for dropout)")
         if self.activation not in ("relu", "gelu"):
             raise ConfigError(f"user_encoder.activation = {self.activation!r}; must be 'relu' or 'gelu'")
         if self.init_std <= 0:
@@ -84,6 +89,9 @@ class UserEncoder(nn.Module):
             )
             for _ in range(config.n_blocks)
         )
+        if config.ffn_dropout is not None:
+            for block in self.blocks:
+                block.dropout = nn.Dropout(config.ffn_dropout)  # the FFN's inner dropout (dropout1/2: residuals)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
