@@ -307,6 +307,32 @@ def test_left_and_right_padding_give_the_same_user_states():
     torch.testing.assert_close(right_last[1], right_states[1, 1], rtol=0, atol=0)
 
 
+def test_positions_from_the_oldest_item_make_a_prefix_state_independent_of_what_follows():
+    states = {}
+    for positions in ("newest", "oldest"):
+        for side in ("left", "right"):
+            torch.manual_seed(0)
+            encoder = UserEncoder(UserEncoderConfig(d_model=D, n_heads=2, ffn=64, max_len=6, padding_side=side,
+                                                    positions=positions)).eval()
+            items = torch.randn(3, D)
+            batch, padding = torch.zeros(2, 5, D), torch.ones(2, 5, dtype=torch.bool)
+            for u, n in enumerate((3, 2)):  # user 1's history is user 0's without its newest item
+                columns = slice(5 - n, 5) if side == "left" else slice(0, n)
+                batch[u, columns], padding[u, columns] = items[:n], False
+            with torch.no_grad():
+                out = encoder(batch, padding)
+            states[positions, side] = out[~padding].split([3, 2])  # each user's real states, oldest first
+    for positions in ("newest", "oldest"):  # either way, the padding side does not matter
+        for a, b in zip(states[positions, "left"], states[positions, "right"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    user0, user1 = states["oldest", "left"]
+    torch.testing.assert_close(user0[:2], user1, rtol=1e-5, atol=1e-5)  # same items at the same positions
+    user0, user1 = states["newest", "left"]
+    assert not torch.allclose(user0[:2], user1, atol=1e-3)  # counted back from the newest: shifted
+    with pytest.raises(ConfigError, match="positions"):
+        UserEncoderConfig(positions="forward")
+
+
 def test_user_encoder_ffn_activation_is_the_configured_one():
     relu = user_encoder()
     gelu = UserEncoder(UserEncoderConfig(d_model=D, n_heads=2, ffn=64, max_len=6, activation="gelu")).eval()

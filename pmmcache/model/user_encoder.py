@@ -7,7 +7,8 @@ Initialisation follows RecBole's SASRec (N(0, 0.02)) by default; the released co
 Padding. Sequences from `pmmcache.data.prepare` are LEFT-padded with item 0 (the most recent item
 sits in the last column), so `padding_side="left"` is the default. Positions are counted back from
 the most recent item: it always gets position max_len - 1, whatever the padding side or the input
-length, so a left-padded and a right-padded copy of one sequence give the same states.
+length, so a left-padded and a right-padded copy of one sequence give the same states. With
+`positions="oldest"` (RecBole) the oldest item gets 0 instead, again whatever the padding side.
 A query may attend to earlier real items and to itself, never to padding; the "itself" keeps rows
 that are all padding finite (their outputs mean nothing and are never used).
 """
@@ -36,6 +37,9 @@ class UserEncoderConfig:
     ffn_dropout: float | None = None
     max_len: int = 21  # position embeddings: 20 history items + the target
     padding_side: Literal["left", "right"] = "left"  # data layer convention (prepare.py left-pads)
+    # Position ids: "newest" counts back from the most recent item (released code: it always sits at
+    # max_len - 1); "oldest" counts up from the oldest item of the window (RecBole's SASRec).
+    positions: Literal["newest", "oldest"] = "newest"
     # "normal": N(0, init_std) for positions and every linear weight (RecBole's SASRec, BERT);
     # "xavier": the released code's xavier-normal, whose ~0.12-0.15 per weight at d = 64 learns ~6x
     # slower under Adam (measured: an ID model sat at popularity level for 13 epochs on MovieLens).
@@ -56,6 +60,8 @@ class UserEncoderConfig:
             raise ConfigError(f"user_encoder.dropout = {self.dropout}; must be in [0, 1)")
         if self.ffn_dropout is not None and not 0.0 <= self.ffn_dropout < 1.0:
             raise ConfigError(f"user_encoder.ffn_dropout = {self.ffn_dropout}; must be in [0, 1) (or unset for dropout)")
+        if self.positions not in ("newest", "oldest"):
+            raise ConfigError(f"user_encoder.positions = {self.positions!r}; must be 'newest' or 'oldest'")
         if self.activation not in ("relu", "gelu"):
             raise ConfigError(f"user_encoder.activation = {self.activation!r}; must be 'relu' or 'gelu'")
         if self.init_std <= 0:
@@ -117,9 +123,15 @@ class UserEncoder(nn.Module):
 
     # ---- masks and positions -------------------------------------------------------------------------
     def position_ids(self, padding_mask: Tensor) -> Tensor:
-        """(B, L) position of each column; the most recent real item gets max_len - 1."""
+        """(B, L) position of each column: the most recent real item gets max_len - 1 ("newest"), or the
+        oldest gets 0 ("oldest"); padding columns get whatever is in range (they are never attended to)."""
         batch, length = padding_mask.shape
         columns = torch.arange(length, device=padding_mask.device)  # (L,)
+        if self.config.positions == "oldest":
+            if self.config.padding_side == "right":  # the real items are columns [0, len)
+                return columns.clamp(max=self.config.max_len - 1).expand(batch, -1)
+            first = length - (~padding_mask).sum(dim=1, keepdim=True)  # (B, 1): column of the oldest item
+            return (columns[None, :] - first).clamp(0, self.config.max_len - 1)
         if self.config.padding_side == "left":
             return (columns + self.config.max_len - length).expand(batch, -1)
         lengths = (~padding_mask).sum(dim=1, keepdim=True)  # (B, 1)
