@@ -39,3 +39,18 @@ def test_demo_pretrain_file_matches_the_demo_job():
     ran = demo_job_train_config(job, stage="pretrain", dataset="demo/kitchen,demo/garden", run_name="pretrain",
                                 epochs=job.pretrain_epochs)
     assert (config.train_windows, config.patience) == (ran.train_windows, ran.patience)
+
+
+def test_demo_transfer_tuning_recipe_matches_the_grid_it_tunes():
+    """The tuning runs are only evidence for demo-transfer.yaml while they share its settings and its
+    PMMRec pre-training; every tuning cell differs from a grid cell only in the learning rate it tunes."""
+    folder = Path(__file__).parent.parent / "pipelines"
+    grid = parse_recipe(load_file(folder / "demo-transfer.yaml"), "demo-transfer.yaml")
+    tune = parse_recipe(load_file(folder / "demo-transfer-tune.yaml"), "demo-transfer-tune.yaml")
+    assert tune.defaults == grid.defaults
+    assert tune.pretrain == {"pmmrec": grid.pretrain["pmmrec"]}
+    grid_cells = {c.name: c for c in grid.cells}
+    for cell in tune.cells:
+        base = grid_cells[cell.name.split(" (")[0]]
+        tuned = {k: v for k, v in cell.settings.items() if k not in ("lr", "init_lr")}
+        assert (cell.init, tuned) == (base.init, base.settings), cell.name
