@@ -54,3 +54,19 @@ def test_demo_transfer_tuning_recipe_matches_the_grid_it_tunes():
         base = grid_cells[cell.name.split(" (")[0]]
         tuned = {k: v for k, v in cell.settings.items() if k not in ("lr", "init_lr")}
         assert (cell.init, tuned) == (base.init, base.settings), cell.name
+
+
+def test_table6_and_table7_recipes_share_the_transfer_grids_budget():
+    """Table VI's pre-trainings get the transfer grid's budget, `both` being its PMMRec pre-training, and
+    Table VII's cells train for the grid's fine-tuning epochs: their tables are read beside the grid's."""
+    folder = Path(__file__).parent.parent / "pipelines"
+    grid = parse_recipe(load_file(folder / "demo-transfer.yaml"), "demo-transfer.yaml")
+    single = parse_recipe(load_file(folder / "demo-table6-single-source.yaml"), "demo-table6-single-source.yaml")
+    cold = parse_recipe(load_file(folder / "demo-table7-cold-start.yaml"), "demo-table7-cold-start.yaml")
+    assert single.defaults == grid.defaults
+    assert single.pretrain["both"] == grid.pretrain["pmmrec"]
+    budget = {k: grid.pretrain["pmmrec"][k] for k in ("stage", "epochs", "patience")}
+    for name in ("kitchen", "garden"):
+        assert {k: single.pretrain[name][k] for k in budget} == budget, name
+    assert (cold.defaults["epochs"], cold.defaults["train_windows"]) == (grid.defaults["epochs"],
+                                                                       grid.defaults["train_windows"])
