@@ -15,6 +15,12 @@ TRAIN_CONFIGS = [p for p in FILES if "recipe" not in load_file(p)]
 RECIPES = [p for p in FILES if "recipe" in load_file(p)]
 
 
+def shipped_recipe(name: str):
+    """The recipe `pipelines/<name>.yaml`, parsed."""
+    path = Path(__file__).parent.parent / "pipelines" / f"{name}.yaml"
+    return parse_recipe(load_file(path), path.name)
+
+
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=[p.name for p in TRAIN_CONFIGS])
 def test_shipped_train_configs_load(path):
     config = from_dict(TrainConfig, load_file(path))
@@ -44,9 +50,7 @@ def test_demo_pretrain_file_matches_the_demo_job():
 def test_demo_transfer_tuning_recipe_matches_the_grid_it_tunes():
     """The tuning runs are only evidence for demo-transfer.yaml while they share its settings and its
     PMMRec pre-training; every tuning cell differs from a grid cell only in the learning rate it tunes."""
-    folder = Path(__file__).parent.parent / "pipelines"
-    grid = parse_recipe(load_file(folder / "demo-transfer.yaml"), "demo-transfer.yaml")
-    tune = parse_recipe(load_file(folder / "demo-transfer-tune.yaml"), "demo-transfer-tune.yaml")
+    grid, tune = shipped_recipe("demo-transfer"), shipped_recipe("demo-transfer-tune")
     assert tune.defaults == grid.defaults
     assert tune.pretrain == {"pmmrec": grid.pretrain["pmmrec"]}
     grid_cells = {c.name: c for c in grid.cells}
@@ -58,15 +62,13 @@ def test_demo_transfer_tuning_recipe_matches_the_grid_it_tunes():
 
 def test_table6_and_table7_recipes_share_the_transfer_grids_budget():
     """Table VI's pre-trainings get the transfer grid's budget, `both` being its PMMRec pre-training, and
-    Table VII's cells train for the grid's fine-tuning epochs: their tables are read beside the grid's."""
-    folder = Path(__file__).parent.parent / "pipelines"
-    grid = parse_recipe(load_file(folder / "demo-transfer.yaml"), "demo-transfer.yaml")
-    single = parse_recipe(load_file(folder / "demo-table6-single-source.yaml"), "demo-table6-single-source.yaml")
-    cold = parse_recipe(load_file(folder / "demo-table7-cold-start.yaml"), "demo-table7-cold-start.yaml")
+    Table VII's cells train with the grid's fine-tuning settings: their tables are read beside the grid's."""
+    grid = shipped_recipe("demo-transfer")
+    single, cold = shipped_recipe("demo-table6-single-source"), shipped_recipe("demo-table7-cold-start")
     assert single.defaults == grid.defaults
     assert single.pretrain["both"] == grid.pretrain["pmmrec"]
     budget = {k: grid.pretrain["pmmrec"][k] for k in ("stage", "epochs", "patience")}
     for name in ("kitchen", "garden"):
         assert {k: single.pretrain[name][k] for k in budget} == budget, name
-    assert (cold.defaults["epochs"], cold.defaults["train_windows"]) == (grid.defaults["epochs"],
-                                                                       grid.defaults["train_windows"])
+    # Table VII trains each cell on its domain with the cell's own objectives, otherwise as the grid fine-tunes.
+    assert {**cold.defaults, "stage": grid.defaults["stage"]} == grid.defaults
